@@ -1,0 +1,72 @@
+"""The per-parameter MLP F_phi and the update rule of paper eq. 4.
+
+:func:`reference_leaf_step` is the straightforward implementation: it materialises the feature
+matrix of a tensor and runs the MLP on it. It is the default ``leaf_step`` of
+:func:`optax_localsgd.lopt_a` / :func:`optax_localsgd.lagg_a`; a fused kernel with the same
+signature (:class:`LeafStep`) can replace it without touching the transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from optax_localsgd import features
+from optax_localsgd.meta_params import MetaParams
+
+
+class LeafStep(Protocol):
+  """Signature of the per-tensor learned step.
+
+  Args:
+    meta: the meta-parameters.
+    acc: accumulators of this tensor, already advanced with this round's mean delta.
+    param: the current value W_t of this tensor.
+    delta: the mean delta of this round (same shape as ``param``).
+    delta_channels: ``(C,) + param.shape``; ``delta[None]`` for LOpt-A, the K worker deltas
+      for LAgg-A.
+    time_feats: the 11 time features of this round, shape ``(11,)``.
+
+  Returns:
+    the update to add to ``param`` (float32, shape of ``param``).
+  """
+
+  def __call__(self, meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
+               delta: jax.Array, delta_channels: jax.Array,
+               time_feats: jax.Array) -> jax.Array:
+    ...
+
+
+def mlp_apply(mlp: dict, x: jax.Array, time_feats: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Run F_phi on per-parameter features.
+
+  Args:
+    mlp: weights ``w0, b0, w1, b1, w2, b2``; ``w0`` has ``x.shape[-1] + 11`` rows, the time
+      features being the last 11 inputs.
+    x: ``(N, n_in - 11)`` normalised features.
+    time_feats: ``(11,)``; the same for all N rows, so their contribution to the first layer
+      is folded into its bias instead of being tiled N times (same result, less memory).
+
+  Returns:
+    ``(d, m)``, each of shape ``(N,)``: direction and log-magnitude outputs.
+  """
+  n_x = x.shape[-1]
+  w0 = mlp["w0"]
+  b0 = mlp["b0"] + time_feats @ w0[n_x:]
+  h = jax.nn.relu(x @ w0[:n_x] + b0)
+  h = jax.nn.relu(h @ mlp["w1"] + mlp["b1"])
+  out = h @ mlp["w2"] + mlp["b2"]
+  return out[:, 0], out[:, 1]
+
+
+def reference_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
+                        delta: jax.Array, delta_channels: jax.Array,
+                        time_feats: jax.Array) -> jax.Array:
+  """Features, MLP and ``update = -lambda_1 * d * exp(lambda_2 * m)`` for one tensor."""
+  cfg = meta.config
+  x = features.tensor_features(acc, param, delta, delta_channels, cfg.eps)
+  d, m = mlp_apply(meta.mlp, x, time_feats)
+  update = -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m)
+  return update.reshape(param.shape)

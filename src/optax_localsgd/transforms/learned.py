@@ -1,0 +1,138 @@
+"""Learned server optimizers LOpt-A and LAgg-A (Joseph et al., "Meta-learning Optimizers for
+Communication-Efficient Learning", TMLR 2025, section 4 and appendix A).
+
+Both keep Ada-feature accumulators of the averaged delta and apply a small per-parameter MLP
+(:mod:`optax_localsgd.mlp`) to the features of ``docs/features.md``. LOpt-A reads the averaged
+delta; LAgg-A reads the stack of the K worker deltas and averages it itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_localsgd import _validation, features
+from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.mlp import LeafStep, reference_leaf_step
+
+
+class LearnedOptState(NamedTuple):
+  """State of :func:`lopt_a` and :func:`lagg_a`.
+
+  Attributes:
+    count: rounds done (int32); the time features read it before it is incremented.
+    accumulators: a pytree like params whose leaves are
+      :class:`optax_localsgd.features.AdaAccumulators` (float32).
+  """
+  count: jax.Array
+  accumulators: Any
+
+
+def _check_meta(meta_params, fn_name):
+  if not isinstance(meta_params, MetaParams):
+    raise ValueError(
+        f"{fn_name} expects MetaParams (from init_{fn_name}(...) or a pretrained file), "
+        f"got {type(meta_params).__name__}.")
+
+
+def _learned(meta_params: MetaParams, num_workers: int | None,
+             leaf_step: LeafStep) -> optax.GradientTransformationExtraArgs:
+  name = meta_params.config.kind
+
+  def init_fn(params):
+    return LearnedOptState(
+        count=jnp.zeros([], jnp.int32),
+        accumulators=jax.tree.map(features.init_accumulators, params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+          f"{name} needs the current global params: call "
+          f"tx.update(deltas, state, params) (the learned optimizer reads W_t as a feature).")
+    if num_workers is None:
+      _validation.check_deltas_match(updates, params)
+    else:
+      _validation.check_deltas_match(
+          updates, params, leading=(num_workers,), what="worker deltas")
+    logits = meta_params.decay_logits()
+    time_feats = features.time_features(state.count)
+
+    def one(p, d, acc):
+      mean_d = d if num_workers is None else jnp.mean(d.astype(jnp.float32), axis=0)
+      channels = mean_d[None] if num_workers is None else d
+      acc = features.update_accumulators(acc, mean_d, logits)
+      step = leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
+      return step.astype(p.dtype), acc
+
+    treedef = jax.tree.structure(params)
+    accs = treedef.flatten_up_to(state.accumulators)
+    pairs = [one(p, d, a) for p, d, a in
+             zip(jax.tree.leaves(params), treedef.flatten_up_to(updates), accs)]
+    new_updates = treedef.unflatten([u for u, _ in pairs])
+    new_acc = treedef.unflatten([a for _, a in pairs])
+    return new_updates, LearnedOptState(
+        count=optax.safe_int32_increment(state.count), accumulators=new_acc)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lopt_a(meta_params: MetaParams,
+           leaf_step: LeafStep = reference_leaf_step) -> optax.GradientTransformationExtraArgs:
+  """LOpt-A: the worker-invariant learned server optimizer.
+
+  ``updates`` is the averaged delta ``Delta = mean_k (W_old - W_new^(k))``, a pytree like
+  params (the sign of a gradient). For each parameter the 39 Ada features of
+  ``docs/features.md`` feed the MLP, whose outputs ``(d, m)`` give
+  ``update = -0.001 * d * exp(0.001 * m)``, to be added with ``optax.apply_updates``.
+  ``update`` must be called with ``params`` (the current global weights W_t).
+
+  Args:
+    meta_params: LOpt-A :class:`~optax_localsgd.MetaParams` (``init_lopt_a`` or pretrained).
+    leaf_step: per-tensor features + MLP; replace with a fused kernel of the same
+      signature (:class:`optax_localsgd.mlp.LeafStep`) to speed up large models.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
+    State memory: 4 float32 copies of the params plus sub-linear factored statistics.
+  """
+  _check_meta(meta_params, "lopt_a")
+  if meta_params.config.kind != "lopt_a":
+    raise ValueError(
+        f"lopt_a got meta-parameters built for {meta_params.config.kind} "
+        f"(K={meta_params.config.num_workers}); use lagg_a(meta_params, k) for those.")
+  return _learned(meta_params, None, leaf_step)
+
+
+def lagg_a(meta_params: MetaParams, k: int,
+           leaf_step: LeafStep = reference_leaf_step) -> optax.GradientTransformationExtraArgs:
+  """LAgg-A: the worker-aware learned server optimizer (a learned aggregator).
+
+  ``updates`` is the per-worker stack: every leaf has shape ``(k,) + param.shape`` and holds
+  ``W_old - W_new^(j)`` for worker ``j`` at index ``j``. The Ada accumulators follow the mean
+  over workers; the MLP also reads each worker's delta (38 + K features per parameter).
+  The result is one update per parameter, added with ``optax.apply_updates``.
+
+  Args:
+    meta_params: LAgg-A :class:`~optax_localsgd.MetaParams` built for exactly ``k`` workers.
+    k: the number of workers K (the leading axis of every delta leaf).
+    leaf_step: per-tensor features + MLP (see :func:`lopt_a`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
+  """
+  _check_meta(meta_params, "lagg_a")
+  cfg = meta_params.config
+  if cfg.kind != "lagg_a":
+    raise ValueError(
+        "lagg_a got LOpt-A meta-parameters; use lopt_a(meta_params) for those, or "
+        "init_lagg_a(key, k) / a LAgg-A weight file.")
+  if cfg.num_workers != k:
+    raise ValueError(
+        f"These LAgg-A meta-parameters were built for K={cfg.num_workers} workers "
+        f"({cfg.num_inputs} inputs), but lagg_a was asked for k={k}. LAgg-A weights only "
+        f"work with the K they were meta-trained for; use LOpt-A for a varying K.")
+  return _learned(meta_params, k, leaf_step)
