@@ -1,0 +1,70 @@
+"""Bad input gets a ValueError whose message names the problem."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import optax_localsgd as ol
+from conftest import make_params
+
+KEY = jax.random.PRNGKey(0)
+
+
+def test_lagg_a_stack_with_wrong_leading_axis():
+  params = make_params()
+  tx = ol.lagg_a(ol.init_lagg_a(KEY, 8), 8)
+  bad = jax.tree.map(lambda p: jnp.stack([p] * 4), params)
+  with pytest.raises(ValueError, match=r"leading axis 4, expected k=8"):
+    tx.update(bad, tx.init(params), params)
+
+
+def test_lagg_a_given_averaged_deltas_instead_of_stack():
+  params = {"w": jnp.ones((8, 3))}
+  tx = ol.lagg_a(ol.init_lagg_a(KEY, 8), 8)
+  with pytest.raises(ValueError, match=r"worker deltas.*\(8, 8, 3\)"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_meta_params_for_another_k():
+  with pytest.raises(ValueError, match=r"built for K=8 .* asked for k=16"):
+    ol.lagg_a(ol.init_lagg_a(KEY, 8), 16)
+
+
+def test_wrong_kind_of_meta_params():
+  with pytest.raises(ValueError, match="use lagg_a"):
+    ol.lopt_a(ol.init_lagg_a(KEY, 8))
+  with pytest.raises(ValueError, match="use lopt_a"):
+    ol.lagg_a(ol.init_lopt_a(KEY), 8)
+  with pytest.raises(ValueError, match="expects MetaParams"):
+    ol.lopt_a({"w0": jnp.zeros((39, 32))})
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_bad_k(k):
+  with pytest.raises(ValueError, match="integer k >= 1"):
+    ol.init_lagg_a(KEY, k)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ol.lopt_a(ol.init_lopt_a(KEY)), lambda: ol.local_sgd(), lambda: ol.slowmo(1., .9, .1)])
+def test_delta_tree_that_does_not_match_params(make):
+  tx = make()
+  params = make_params()
+  missing = {k: v for k, v in params.items() if k != "bias"}
+  with pytest.raises(ValueError, match="do not have the structure of params"):
+    tx.update(missing, tx.init(params), params)
+  wrong_shape = dict(params, dense=jnp.ones((6, 5)))
+  with pytest.raises(ValueError, match=r"Shape mismatch at \['dense'\].*\(6, 5\).*\(5, 6\)"):
+    jax.jit(tx.update)(wrong_shape, tx.init(params), params)
+
+
+def test_lopt_a_without_params():
+  tx = ol.lopt_a(ol.init_lopt_a(KEY))
+  params = make_params()
+  with pytest.raises(ValueError, match=r"lopt_a needs the current global params"):
+    tx.update(params, tx.init(params))
+
+
+def test_slowmo_bad_local_learning_rate():
+  with pytest.raises(ValueError, match="local_learning_rate > 0"):
+    ol.slowmo(1.0, 0.9, 0.0)
