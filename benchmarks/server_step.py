@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
       device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
       cpu_count=__import__("os").cpu_count(), jax=jax.__version__, optax=optax.__version__,
       python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-      command="python benchmarks/server_step.py " + " ".join(argv or sys.argv[1:]))
+      command=" ".join(["python benchmarks/server_step.py", *(argv or sys.argv[1:])]))
   if lopt_mem:
     # Peak device memory of one donated update: inputs + outputs + temporaries - donated aliases.
     result["lopt_a_peak_bytes"] = (lopt_mem["arguments"] + lopt_mem["outputs"]

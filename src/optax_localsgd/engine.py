@@ -1,0 +1,218 @@
+"""One communication round of local SGD (paper Algorithm 1) as a pure, jittable function.
+
+:func:`make_round_fn` returns ``round_fn(params, server_state, key, data) -> (params,
+server_state, metrics)``. It is a pure function of pytrees, so a user jits it, and the
+meta-trainer can ``lax.scan`` it over many rounds and ``vmap`` it over particles (building the
+server transform from perturbed meta-parameters inside the vmapped function).
+
+Workers run either vmapped on one device, or, given a ``jax.sharding.Mesh`` with a ``"workers"``
+axis, placed along that axis with ``shard_map``: each device runs its block of workers, the mean
+delta is an explicit ``psum`` and LAgg-A's per-worker stack an ``all_gather``. The same program
+runs under ``jax.distributed`` with several processes. Both placements draw the same minibatches
+(worker k always uses ``split(key, K)[k]``), so they agree up to float summation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+WORKER_AXIS = "workers"
+LossFn = Callable[[Any, Any], jax.Array]
+BatchFn = Callable[[Any, jax.Array], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+  """Static shape of a round.
+
+  Attributes:
+    num_workers: K.
+    local_steps: H, local optimizer steps per worker per round.
+    batch_size: B_loc, examples per worker per local step.
+    per_worker_deltas: give the server the ``(K, ...)`` stack of worker deltas (LAgg-A)
+      instead of their mean.
+  """
+  num_workers: int
+  local_steps: int
+  batch_size: int
+  per_worker_deltas: bool = False
+
+  def __post_init__(self):
+    for f in ("num_workers", "local_steps", "batch_size"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"RoundConfig.{f} must be an integer >= 1, got {v!r}.")
+
+
+class DeviceData(NamedTuple):
+  """A dataset resident on the device(s), split across workers.
+
+  Attributes:
+    arrays: the dataset's arrays (e.g. ``{"x": uint8 images, "y": labels}``), replicated.
+    shards: ``(K, S)`` int32: worker k draws its examples from ``arrays[...][shards[k]]``
+      (or, for a language model, its window offsets).
+  """
+  arrays: Any
+  shards: jax.Array
+
+
+def sample_indices(key: jax.Array, shard: jax.Array, n: int) -> jax.Array:
+  """``n`` entries of ``shard`` in a fresh random order, without repetition while ``n`` <= size.
+
+  Longer requests concatenate independent permutations (epochs).
+  """
+  size = shard.shape[0]
+  reps = math.ceil(n / size)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, size))(jax.random.split(key, reps))
+  return shard[perms.reshape(-1)[:n]]
+
+
+def classification_batch(arrays: dict, idx: jax.Array) -> dict:
+  """Gather examples ``idx`` of ``{"x", "y"}`` arrays."""
+  return {"x": arrays["x"][idx], "y": arrays["y"][idx]}
+
+
+def make_lm_batch(seq_len: int) -> BatchFn:
+  """Batches of byte windows ``x[o : o + seq_len + 1]`` starting at offsets ``idx``."""
+
+  def batch(arrays: dict, idx: jax.Array) -> dict:
+    return {"x": arrays["x"][idx[..., None] + jnp.arange(seq_len + 1)]}
+
+  return batch
+
+
+def _worker_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientTransformation,
+               cfg: RoundConfig, arrays) -> Callable:
+  """H local steps of one worker: ``(params, key, shard) -> (delta, mean local loss)``."""
+
+  def worker(params, key, shard):
+    idx = sample_indices(key, shard, cfg.local_steps * cfg.batch_size)
+    idx = idx.reshape(cfg.local_steps, cfg.batch_size)
+
+    def step(carry, idx_h):
+      p, s = carry
+      loss, g = jax.value_and_grad(loss_fn)(p, batch_fn(arrays, idx_h))
+      u, s = worker_tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), loss
+
+    # Workers start every round from the global weights with a fresh optimizer state.
+    (p_end, _), losses = jax.lax.scan(step, (params, worker_tx.init(params)), idx)
+    delta = jax.tree.map(lambda old, new: old - new, params, p_end)
+    return delta, jnp.mean(losses)
+
+  return worker
+
+
+def _mean0(tree):
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientTransformation,
+                  server_tx: optax.GradientTransformation, cfg: RoundConfig,
+                  mesh: Mesh | None = None) -> Callable:
+  """Build one local-SGD communication round.
+
+  Args:
+    loss_fn: ``loss(params, batch) -> scalar``, the training loss.
+    batch_fn: ``batch(arrays, idx) -> batch`` turning sampled indices into a batch.
+    worker_tx: the workers' optimizer (e.g. ``optax.sgd(0.3)``); its state is re-initialised
+      every round.
+    server_tx: the server transform (``local_sgd``, ``slowmo``, ``lopt_a``, ``lagg_a``, or any
+      optax transform of the mean delta).
+    cfg: K, H, B and whether the server reads per-worker deltas.
+    mesh: ``None`` to vmap all workers on one device; or a mesh with a ``"workers"`` axis
+      whose size divides K, to spread the workers over its devices.
+
+  Returns:
+    ``round_fn(params, server_state, key, data: DeviceData) -> (params, server_state,
+    metrics)``, with ``metrics["train_loss"]`` the mean local training loss over workers and
+    local steps (paper eq. 3, the meta-objective).
+  """
+  k = cfg.num_workers
+  if mesh is not None:
+    if WORKER_AXIS not in mesh.axis_names:
+      raise ValueError(f"The mesh needs an axis named {WORKER_AXIS!r}; it has {mesh.axis_names}.")
+    if k % mesh.shape[WORKER_AXIS]:
+      raise ValueError(f"K={k} workers cannot be split evenly over the mesh's "
+                       f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
+
+  def workers(params, keys, data):
+    worker = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, data.arrays)
+    if mesh is None:
+      deltas, losses = jax.vmap(worker, in_axes=(None, 0, 0))(params, keys, data.shards)
+      server_in = deltas if cfg.per_worker_deltas else _mean0(deltas)
+      return server_in, jnp.mean(losses)
+
+    def block(params, keys, shards, arrays):
+      w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
+      deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(params, keys, shards)
+      loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
+      if cfg.per_worker_deltas:  # LAgg-A: every device gets all K deltas, in worker order.
+        return jax.tree.map(
+            lambda d: jax.lax.all_gather(d, WORKER_AXIS, tiled=True), deltas), loss
+      return jax.tree.map(
+          lambda d: jax.lax.psum(jnp.sum(d, axis=0), WORKER_AXIS) / k, deltas), loss
+
+    return jax.shard_map(
+        block, mesh=mesh,
+        in_specs=(P(), P(WORKER_AXIS), P(WORKER_AXIS), P()),
+        out_specs=(P(), P()))(params, keys, data.shards, data.arrays)
+
+  def round_fn(params, server_state, key, data: DeviceData):
+    if data.shards.shape[0] != k:
+      raise ValueError(f"data.shards has {data.shards.shape[0]} worker shards; K={k}.")
+    keys = jax.random.split(key, k)
+    server_in, train_loss = workers(params, keys, data)
+    updates, server_state = server_tx.update(server_in, server_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, server_state, {"train_loss": train_loss}
+
+  return round_fn
+
+
+def make_data_parallel_round_fn(loss_fn: LossFn, batch_fn: BatchFn,
+                                tx: optax.GradientTransformation,
+                                cfg: RoundConfig) -> Callable:
+  """The paper's non-local baselines (section 5.1.4): one step per round on K·H·B examples.
+
+  Same signature as :func:`make_round_fn`'s result; ``server_state`` is ``tx``'s state.
+  ``metrics["train_loss"]`` is the loss on the step's batch (before the step).
+  """
+  n = cfg.num_workers * cfg.local_steps * cfg.batch_size
+
+  def round_fn(params, opt_state, key, data: DeviceData):
+    idx = sample_indices(key, data.shards.reshape(-1), n)
+    loss, g = jax.value_and_grad(loss_fn)(params, batch_fn(data.arrays, idx))
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"train_loss": loss}
+
+  return round_fn
+
+
+def worker_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: all devices of all processes), axis ``"workers"``."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices, dtype=object), (WORKER_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Place host arrays on every device of ``mesh``.
+
+  Works with several processes too, where every process passes the same host data.
+  """
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree)

@@ -1,0 +1,77 @@
+"""Runs a few local-SGD rounds on synthetic data and saves the result (for test_engine.py).
+
+Run in a subprocess because the number of CPU devices and jax.distributed must be fixed before
+JAX starts:
+  python tests/engine_script.py --server lopt_a --mesh --out r.npz
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/engine_script.py --mesh ...
+  python tests/engine_script.py --mesh --num-processes 2 --process-id 0 --port 12345 ...
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+K, H, B, ROUNDS = 8, 2, 16, 4
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--server", default="lopt_a")
+  ap.add_argument("--mesh", action="store_true", help="spread workers over all devices")
+  ap.add_argument("--num-processes", type=int, default=1)
+  ap.add_argument("--process-id", type=int, default=0)
+  ap.add_argument("--local-devices", type=int, default=None)
+  ap.add_argument("--port", type=int, default=0)
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args()
+
+  import jax
+  if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id,
+                               local_device_ids=list(range(args.local_devices)))
+  import jax.numpy as jnp
+  import optax
+  import optax_localsgd as ol
+  from optax_localsgd import engine
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(512, 6)).astype(np.float32)
+  y = (x @ rng.normal(size=(6, 3))).argmax(1).astype(np.int32)
+  shards = np.arange(512, dtype=np.int32).reshape(K, -1)
+  params = {"w1": jnp.asarray(rng.normal(size=(6, 16)) * 0.4, jnp.float32),
+            "b1": jnp.zeros(16), "w2": jnp.asarray(rng.normal(size=(16, 3)) * 0.3, jnp.float32),
+            "b2": jnp.zeros(3)}
+
+  def loss(p, batch):
+    h = jax.nn.relu(batch["x"] @ p["w1"] + p["b1"])
+    logits = h @ p["w2"] + p["b2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  key = jax.random.PRNGKey(1)
+  server, per_worker = {
+      "local_sgd": (ol.local_sgd(1.0), False),
+      "slowmo": (ol.slowmo(1.0, 0.9, 0.1), False),
+      "lopt_a": (ol.lopt_a(ol.init_lopt_a(key)), False),
+      "lagg_a": (ol.lagg_a(ol.init_lagg_a(key, K), K), True),
+  }[args.server]
+  cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker)
+  mesh = engine.worker_mesh() if args.mesh else None
+  data = engine.DeviceData({"x": x, "y": y}, shards)
+  state = server.init(params)
+  if mesh is not None:
+    data, params, state = engine.replicate((data, params, state), mesh)
+  round_fn = jax.jit(engine.make_round_fn(loss, engine.classification_batch,
+                                          optax.sgd(0.3), server, cfg, mesh))
+  losses = []
+  for r in range(ROUNDS):
+    params, state, m = round_fn(params, state, jax.random.fold_in(key, r), data)
+    losses.append(float(m["train_loss"]))
+  if args.process_id == 0:
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+    np.savez(args.out, losses=np.asarray(losses), n_devices=len(jax.devices()), **flat)
+
+
+if __name__ == "__main__":
+  main()
