@@ -2,13 +2,12 @@
 
 Run in a subprocess because the number of CPU devices and jax.distributed must be fixed before
 JAX starts:
-  python tests/engine_script.py --server lopt_a --mesh --out r.npz
+  python tests/engine_script.py --out r.npz
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/engine_script.py --mesh ...
   python tests/engine_script.py --mesh --num-processes 2 --process-id 0 --port 12345 ...
 """
 
 import argparse
-import os
 
 import numpy as np
 
@@ -17,7 +16,7 @@ K, H, B, ROUNDS = 8, 2, 16, 4
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--server", default="lopt_a")
+  ap.add_argument("--servers", default="local_sgd,slowmo,lopt_a,lagg_a")
   ap.add_argument("--mesh", action="store_true", help="spread workers over all devices")
   ap.add_argument("--num-processes", type=int, default=1)
   ap.add_argument("--process-id", type=int, default=0)
@@ -50,27 +49,33 @@ def main():
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
   key = jax.random.PRNGKey(1)
-  server, per_worker = {
+  servers = {
       "local_sgd": (ol.local_sgd(1.0), False),
       "slowmo": (ol.slowmo(1.0, 0.9, 0.1), False),
       "lopt_a": (ol.lopt_a(ol.init_lopt_a(key)), False),
       "lagg_a": (ol.lagg_a(ol.init_lagg_a(key, K), K), True),
-  }[args.server]
-  cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker)
+  }
   mesh = engine.worker_mesh() if args.mesh else None
   data = engine.DeviceData({"x": x, "y": y}, shards)
-  state = server.init(params)
   if mesh is not None:
-    data, params, state = engine.replicate((data, params, state), mesh)
-  round_fn = jax.jit(engine.make_round_fn(loss, engine.classification_batch,
-                                          optax.sgd(0.3), server, cfg, mesh))
-  losses = []
-  for r in range(ROUNDS):
-    params, state, m = round_fn(params, state, jax.random.fold_in(key, r), data)
-    losses.append(float(m["train_loss"]))
+    data = engine.replicate(data, mesh)
+  results = {"n_devices": len(jax.devices())}
+  for name in args.servers.split(","):
+    server, per_worker = servers[name]
+    cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker)
+    p, state = params, server.init(params)
+    if mesh is not None:
+      p, state = engine.replicate((p, state), mesh)
+    round_fn = jax.jit(engine.make_round_fn(loss, engine.classification_batch,
+                                            optax.sgd(0.3), server, cfg, mesh))
+    losses = []
+    for r in range(ROUNDS):
+      p, state, m = round_fn(p, state, jax.random.fold_in(key, r), data)
+      losses.append(float(m["train_loss"]))
+    results[f"{name}/losses"] = np.asarray(losses)
+    results.update({f"{name}/{k}": np.asarray(jax.device_get(v)) for k, v in p.items()})
   if args.process_id == 0:
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-    np.savez(args.out, losses=np.asarray(losses), n_devices=len(jax.devices()), **flat)
+    np.savez(args.out, **results)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ server transform from perturbed meta-parameters inside the vmapped function).
 
 Workers run either vmapped on one device, or, given a ``jax.sharding.Mesh`` with a ``"workers"``
 axis, placed along that axis with ``shard_map``: each device runs its block of workers, the mean
-delta is an explicit ``psum`` and LAgg-A's per-worker stack an ``all_gather``. The same program
+delta is an explicit ``psum``, and LAgg-A's per-worker stack is gathered for the server step. The same program
 runs under ``jax.distributed`` with several processes. Both placements draw the same minibatches
 (worker k always uses ``split(key, K)[k]``), so they agree up to float summation order.
 """
@@ -153,21 +153,28 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       return server_in, jnp.mean(losses)
 
     def block(params, keys, shards, arrays):
+      # Each device's workers train their own copy of the weights. Marking the replicated
+      # params as device-varying keeps autodiff from summing gradients across devices (the
+      # transpose of an implicit replicated->varying cast is a psum).
+      params = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
       w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
       deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(params, keys, shards)
       loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
-      if cfg.per_worker_deltas:  # LAgg-A: every device gets all K deltas, in worker order.
-        return jax.tree.map(
-            lambda d: jax.lax.all_gather(d, WORKER_AXIS, tiled=True), deltas), loss
+      if cfg.per_worker_deltas:
+        return deltas, loss  # this device's block of the (K, ...) stack; gathered below.
       return jax.tree.map(
           lambda d: jax.lax.psum(jnp.sum(d, axis=0), WORKER_AXIS) / k, deltas), loss
 
+    # LAgg-A: the stack leaves shard_map sharded over "workers" and the (replicated) server
+    # step consumes it whole, so XLA all-gathers the K deltas, in worker order.
+    delta_spec = P(WORKER_AXIS) if cfg.per_worker_deltas else P()
     return jax.shard_map(
         block, mesh=mesh,
         in_specs=(P(), P(WORKER_AXIS), P(WORKER_AXIS), P()),
-        out_specs=(P(), P()))(params, keys, data.shards, data.arrays)
+        out_specs=(delta_spec, P()))(params, keys, data.shards, data.arrays)
 
   def round_fn(params, server_state, key, data: DeviceData):
+    data = jax.tree.map(jnp.asarray, data)  # host (numpy) data works too, outside jit.
     if data.shards.shape[0] != k:
       raise ValueError(f"data.shards has {data.shards.shape[0]} worker shards; K={k}.")
     keys = jax.random.split(key, k)
