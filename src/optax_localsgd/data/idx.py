@@ -108,4 +108,5 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
       with gzip.GzipFile(fileobj=raw, mode="rb") as f:
         return _parse(f, path)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-      raise CorruptDatasetError(f"{path}: damaged gzip stream ({type(e).__name__}: {e}).") from e
+      raise CorruptDatasetError(f"{path}: damaged or truncated gzip stream "
+                                f"({type(e).__name__}: {e}).") from e
