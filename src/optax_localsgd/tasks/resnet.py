@@ -29,7 +29,8 @@ def _norm(channels: int, groups: int, zero_scale: bool = False) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=g, epsilon=1e-5, scale_init=scale_init)
 
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He init, as in torchvision
+# He (fan-out, normal) init for the convs, as in torchvision.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BasicBlock(nn.Module):
