@@ -1,0 +1,207 @@
+"""The ``optax-localsgd`` command: ``train`` one configuration, or ``demo`` a comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from optax_localsgd import servers, tasks
+
+# Paper Table 5, FMNIST 2-layer MLP, K = 8, H = 4: tuned local learning rates and SlowMo's
+# (gamma, alpha, beta).
+DEMO_RUNS = (
+    ("local SGD", dict(server="local_sgd", local_lr=0.3)),
+    ("SlowMo", dict(server="slowmo", local_lr=0.1, server_lr=1.0, momentum=0.95)),
+)
+DEMO_TARGETS = (0.5, 0.3)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+  from optax_localsgd.trainer import TrainConfig
+  d = TrainConfig()
+  p.add_argument("--task", default=d.task, choices=tasks.available_tasks(), metavar="TASK",
+                 help=f"task name, one of: {', '.join(tasks.available_tasks())} "
+                 f"(default {d.task})")
+  p.add_argument("--server", default=d.server, choices=servers.available_servers(),
+                 help=f"server optimizer (default {d.server})")
+  p.add_argument("--workers", "-K", type=int, default=d.workers, help="number of workers K")
+  p.add_argument("--local-steps", "-H", type=int, default=d.local_steps,
+                 help="local steps per round H")
+  p.add_argument("--batch-size", "-B", type=int, default=d.batch_size,
+                 help="examples per worker per local step")
+  p.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds")
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--local-lr", type=float, default=d.local_lr,
+                 help="workers' SGD learning rate gamma")
+  p.add_argument("--server-lr", type=float, default=None,
+                 help="server learning rate (SlowMo's alpha; lr of local_sgd, diloco, fed*, "
+                 "and of the data-parallel sgd/adam); default: the optimizer's own")
+  p.add_argument("--momentum", type=float, default=None, help="SlowMo beta / DiLoCo momentum")
+  p.add_argument("--clip-norm", type=float, default=None, help="workers' gradient clipping")
+  p.add_argument("--weight-decay", type=float, default=0.0, help="workers' weight decay")
+  p.add_argument("--eval-every", type=int, default=d.eval_every,
+                 help="rounds between evaluations of the global model")
+  p.add_argument("--devices", type=int, default=1,
+                 help="spread the workers over this many devices (must divide K)")
+  p.add_argument("--data-dir", default=None,
+                 help="dataset directory (default: $OPTAX_LOCALSGD_DATA, the user cache, "
+                 "/usr/share/datasets)")
+
+
+def _config(args):
+  from optax_localsgd.trainer import TrainConfig
+  return TrainConfig(
+      task=args.task, server=args.server, workers=args.workers, local_steps=args.local_steps,
+      batch_size=args.batch_size, rounds=args.rounds, seed=args.seed, local_lr=args.local_lr,
+      server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm,
+      weight_decay=args.weight_decay, eval_every=args.eval_every, devices=args.devices,
+      data_dir=args.data_dir)
+
+
+def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: str) -> None:
+  from optax_localsgd.plotting import plot_histories
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{name}.json").write_text(json.dumps(histories, indent=1) + "\n")
+  plot_histories(histories, out / f"{name}.png", title)
+  print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}", file=sys.stderr)
+
+
+def cmd_train(args) -> int:
+  from optax_localsgd import trainer
+  cfg = _config(args)
+  if cfg.server in ("lopt_a", "lagg_a"):
+    print(f"note: {cfg.server} runs with fresh, un-meta-trained weights (pretrained weights "
+          "are not shipped yet).", file=sys.stderr)
+  hist = trainer.train(cfg, progress=not args.quiet)
+  _write_outputs(pathlib.Path(args.out), "metrics", [hist],
+                 f"{cfg.task}: {cfg.server}, K={cfg.workers}, H={cfg.local_steps}")
+  print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
+      "final_global_train_loss": hist["global_train_loss"][-1]}))
+  return 0
+
+
+def cmd_demo(args) -> int:
+  from optax_localsgd import trainer
+  histories = []
+  for label, kw in DEMO_RUNS:
+    cfg = trainer.TrainConfig(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128,
+                              rounds=args.rounds, seed=args.seed, eval_every=args.eval_every,
+                              data_dir=args.data_dir, **kw)
+    histories.append(trainer.train(cfg, progress=not args.quiet, label=label))
+  print(demo_table(histories, args.rounds))
+  _write_outputs(pathlib.Path(args.out), "demo", histories,
+                 "Fashion-MNIST 2-layer MLP, K=8 workers, H=4 local steps")
+  return 0
+
+
+def demo_table(histories: list[dict], rounds: int) -> str:
+  """Markdown comparison of demo runs."""
+  from optax_localsgd.trainer import rounds_to_reach
+  head = (f"| optimizer | training loss @ {rounds} | "
+          + " | ".join(f"rounds to {t}" for t in DEMO_TARGETS) + " | test accuracy | time (s) |")
+  lines = [head, "|" + " --- |" * (4 + len(DEMO_TARGETS))]
+  for h in histories:
+    reach = [rounds_to_reach(h, t) for t in DEMO_TARGETS]
+    lines.append(f"| {h['label']} | {h['global_train_loss'][-1]:.4f} | "
+                 + " | ".join("-" if r is None else str(r) for r in reach)
+                 + f" | {100 * h.get('test_accuracy', float('nan')):.2f}% | {h['wall_s']:.0f} |")
+  lines.append("\nTraining loss: the global model's loss on a fixed 10,000-example subset of "
+               "the training set; rounds are counted at evaluation points.")
+  return "\n".join(lines)
+
+
+def cmd_meta_train(args) -> int:
+  from optax_localsgd.meta.problem import PESConfig
+  from optax_localsgd.meta.train import MetaTrainConfig, meta_train
+  pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
+                  max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
+                  lr_end=args.lr_end, warmup_steps=args.warmup_steps)
+  cfg = MetaTrainConfig(
+      optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
+      local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
+      tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
+      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)
+  command = "optax-localsgd " + " ".join(args.argv)
+  res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+  summary = {"step": res["step"], "interrupted": res["interrupted"],
+             "weights": str(res["weights"]) if res["weights"] else None,
+             "last_meta_loss": res["log"]["meta_loss"][-1] if res["log"]["meta_loss"] else None}
+  print(json.dumps(summary))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(
+      prog="optax-localsgd",
+      description="Local SGD with learned and hand-designed server optimizers.")
+  sub = ap.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train one task with one server optimizer",
+                     description="Train a task with K workers x H local steps per round; "
+                     "writes OUT/metrics.json and OUT/metrics.png.")
+  _add_train_args(t)
+  t.add_argument("--out", default="runs/train", help="output directory")
+  t.add_argument("--quiet", action="store_true", help="no progress bar")
+  t.set_defaults(fn=cmd_train)
+  d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
+                     description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128, with the paper's "
+                     "tuned hyperparameters; prints a comparison table and writes "
+                     "OUT/demo.json and OUT/demo.png.")
+  d.add_argument("--rounds", type=int, default=150)
+  d.add_argument("--eval-every", type=int, default=10)
+  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--data-dir", default=None)
+  d.add_argument("--out", default="runs/demo")
+  d.add_argument("--quiet", action="store_true")
+  d.set_defaults(fn=cmd_demo)
+  m = sub.add_parser(
+      "meta-train", help="meta-train LOpt-A or LAgg-A with PES",
+      description="Meta-train a learned server optimizer with persistent evolution strategies "
+      "(paper Algorithm 2). Writes OUT/checkpoint.npz (every --checkpoint-every steps and on "
+      "Ctrl-C), OUT/log.json, OUT/meta_loss.png and, at the end, OUT/weights.npz.")
+  m.add_argument("--optimizer", required=True, choices=("lopt_a", "lagg_a"))
+  m.add_argument("--task", action="append", required=True, metavar="TASK",
+                 help="task to meta-train on; repeat for a multi-task meta-batch")
+  m.add_argument("--workers", "-K", type=int, default=8)
+  m.add_argument("--local-steps", "-H", type=int, default=4)
+  m.add_argument("--batch-size", "-B", type=int, default=128)
+  m.add_argument("--local-lr", type=float, default=0.3, help="workers' SGD learning rate")
+  m.add_argument("--outer-steps", type=int, default=5000)
+  m.add_argument("--tasks-per-estimate", type=int, default=8)
+  m.add_argument("--truncation", type=int, default=50, help="rounds per truncated unroll")
+  m.add_argument("--min-inner", type=int, default=100, help="shortest inner problem (rounds)")
+  m.add_argument("--max-inner", type=int, default=1000, help="longest inner problem (rounds)")
+  m.add_argument("--sigma", type=float, default=0.01, help="PES perturbation std")
+  m.add_argument("--lr-peak", type=float, default=3e-3)
+  m.add_argument("--lr-end", type=float, default=1e-3)
+  m.add_argument("--warmup-steps", type=int, default=100)
+  m.add_argument("--seed", type=int, default=0)
+  m.add_argument("--checkpoint-every", type=int, default=100)
+  m.add_argument("--data-dir", default=None)
+  m.add_argument("--out", required=True, help="output directory")
+  m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+  m.add_argument("--quiet", action="store_true")
+  m.set_defaults(fn=cmd_meta_train)
+  return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser().parse_args(argv)
+  args.argv = argv
+  from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
+  for name in ("workers", "local_steps", "batch_size", "rounds", "eval_every", "devices",
+               "outer_steps", "tasks_per_estimate", "truncation", "checkpoint_every"):
+    if getattr(args, name, 1) < 1:
+      print(f"optax-localsgd: error: --{name.replace('_', '-')} must be >= 1.", file=sys.stderr)
+      return 2
+  try:
+    return args.fn(args)
+  except (DatasetNotFoundError, CorruptDatasetError, ValueError) as e:
+    print(f"optax-localsgd: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

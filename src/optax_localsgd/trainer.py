@@ -1,0 +1,214 @@
+"""Train a task with local SGD and a server optimizer: data on device, rounds scanned in chunks.
+
+Used by the ``optax-localsgd train`` and ``demo`` commands. The loop is the engine's round
+function, ``lax.scan``-ned over ``eval_every`` rounds per jitted call, so the host only
+dispatches once per chunk; minibatches are sampled and gathered on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_localsgd import baselines, data, engine, servers, tasks
+from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.progress import Progress
+
+# The global model's training loss is measured on this many training examples, the same
+# ones for every run (drawn with a fixed seed, independent of the run's seed).
+EVAL_SUBSET_SEED = 20240601
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run.
+
+  Attributes:
+    task: task name (``optax_localsgd.tasks.available_tasks()``).
+    server: server optimizer name (``optax_localsgd.servers.available_servers()``).
+    workers: K. local_steps: H. batch_size: B per worker per local step.
+    rounds: communication rounds.
+    seed: seed of the model init, the worker split and the minibatches.
+    local_lr: the workers' SGD learning rate gamma.
+    server_lr, momentum: server hyperparameters (``None``: the optimizer's default).
+    clip_norm, weight_decay: for the workers' SGD (paper 5.5.6); ``None`` / 0 disables.
+    eval_every: rounds between evaluations of the global model (also the scan chunk).
+    eval_examples: size of the fixed training subset for the global loss.
+    devices: devices to spread the workers over (1: vmap on one device).
+    data_dir: where the dataset is (``None``: the loader's search paths).
+  """
+  task: str = "fmnist_mlp"
+  server: str = "local_sgd"
+  workers: int = 8
+  local_steps: int = 4
+  batch_size: int = 128
+  rounds: int = 100
+  seed: int = 0
+  local_lr: float = 0.3
+  server_lr: float | None = None
+  momentum: float | None = None
+  clip_norm: float | None = None
+  weight_decay: float = 0.0
+  eval_every: int = 10
+  eval_examples: int = 10_000
+  devices: int = 1
+  data_dir: str | None = None
+
+
+def load_split(task: tasks.Task, split: str, data_dir: str | None) -> dict[str, np.ndarray]:
+  """Host arrays of ``task``'s dataset: ``{"x", "y"}``, or ``{"x": bytes}`` for text."""
+  if task.dataset == "fashion_mnist":
+    ds = data.load_fashion_mnist(split, data_dir)
+  elif task.dataset == "cifar10":
+    ds = data.load_cifar10(split, data_dir)
+  elif task.dataset in ("imagenet32", "imagenet64"):
+    ds = data.load_imagenet_downsampled(
+        "val" if split == "test" else split, data_dir, resolution=int(task.dataset[-2:]),
+        num_classes=task.num_classes)
+  elif task.dataset == "text":
+    if data_dir is None:
+      raise ValueError("The text task needs --data-dir: a UTF-8 text file or a directory "
+                       "of *.txt files.")
+    return {"x": data.load_text_bytes(data_dir, "val" if split == "test" else split)}
+  else:
+    raise ValueError(f"No loader for dataset {task.dataset!r}.")
+  return {"x": ds.x, "y": ds.y}
+
+
+def _num_items(task: tasks.Task, arrays: dict) -> int:
+  """Examples, or for a language model the number of valid window offsets."""
+  if task.kind == "language_model":
+    return len(arrays["x"]) - task.input_shape[0] - 1
+  return len(arrays["x"])
+
+
+def batch_fn_for(task: tasks.Task) -> engine.BatchFn:
+  if task.kind == "language_model":
+    return engine.make_lm_batch(task.input_shape[0])
+  return engine.classification_batch
+
+
+def eval_batches(task: tasks.Task, arrays: dict, n: int, chunk: int = 2000) -> list[dict]:
+  """A fixed subset of ``n`` items in chunks, the same for every run."""
+  total = _num_items(task, arrays)
+  idx = np.random.default_rng(EVAL_SUBSET_SEED).permutation(total)[:min(n, total)]
+  fn = batch_fn_for(task)
+  return [jax.tree.map(np.asarray, fn(arrays, idx[i:i + chunk]))
+          for i in range(0, len(idx), chunk)]
+
+
+def make_evaluator(task: tasks.Task, batches: list[dict]):
+  """``evaluate(params) -> (mean loss, mean accuracy)`` over fixed batches (example-weighted)."""
+  metrics = jax.jit(lambda p, b: (task.loss(p, b), task.accuracy(p, b)))
+  sizes = np.asarray([len(b["x"]) for b in batches], np.float64)
+
+  def evaluate(params) -> tuple[float, float]:
+    vals = np.asarray([jax.device_get(metrics(params, b)) for b in batches], np.float64)
+    return tuple(float(v) for v in (sizes @ vals) / sizes.sum())
+
+  return evaluate
+
+
+def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: bool = True,
+          label: str | None = None) -> dict[str, Any]:
+  """Run ``cfg`` and return its history (JSON-serialisable).
+
+  Returns:
+    ``{"config", "rounds", "train_loss", "eval_rounds", "global_train_loss",
+    "global_train_accuracy", "test_loss", "test_accuracy", "wall_s"}``. ``train_loss`` is the
+    mean local training loss of each round (over workers and local steps);
+    ``global_train_loss`` is the global model's loss on the fixed training subset.
+  """
+  task = tasks.get_task(cfg.task)
+  train_arrays = load_split(task, "train", cfg.data_dir)
+  n = _num_items(task, train_arrays)
+  shards = data.split_homogeneous(n, cfg.workers, cfg.seed)
+  server = servers.make_server(
+      cfg.server, num_workers=cfg.workers, local_learning_rate=cfg.local_lr,
+      server_learning_rate=cfg.server_lr, momentum=cfg.momentum, meta_params=meta_params,
+      seed=cfg.seed)
+  round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size,
+                                 per_worker_deltas=server.per_worker_deltas)
+  mesh = None
+  if cfg.devices > 1:
+    if cfg.devices > len(jax.devices()):
+      raise ValueError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
+    mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
+  batch_fn = batch_fn_for(task)
+  if server.mode == "data_parallel":
+    round_fn = engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
+  else:
+    worker_tx = baselines.worker_sgd(cfg.local_lr, cfg.clip_norm, cfg.weight_decay)
+    round_fn = engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
+
+  key = jax.random.PRNGKey(cfg.seed)
+  params = task.init(jax.random.fold_in(key, 0))
+  state = server.tx.init(params)
+  dev_data = engine.DeviceData(train_arrays, shards)
+  if mesh is not None:
+    dev_data, params, state = engine.replicate((dev_data, params, state), mesh)
+  else:
+    dev_data = jax.device_put(dev_data)
+  round_key = jax.random.fold_in(key, 1)
+
+  @jax.jit
+  def run_chunk(params, state, first_round, n_rounds_mask):
+    def body(carry, i):
+      p, s = carry
+      p, s, m = round_fn(p, s, jax.random.fold_in(round_key, first_round + i), dev_data)
+      return (p, s), m["train_loss"]
+    (params, state), losses = jax.lax.scan(body, (params, state), n_rounds_mask)
+    return params, state, losses
+
+  evaluate = make_evaluator(task, eval_batches(task, train_arrays, cfg.eval_examples))
+  hist = {"config": dataclasses.asdict(cfg), "label": label or cfg.server, "rounds": [],
+          "train_loss": [], "eval_rounds": [], "global_train_loss": [],
+          "global_train_accuracy": []}
+
+  def record_eval(r):
+    loss, acc = evaluate(params)
+    hist["eval_rounds"].append(r)
+    hist["global_train_loss"].append(loss)
+    hist["global_train_accuracy"].append(acc)
+    return loss
+
+  t0 = time.perf_counter()
+  bar = Progress(cfg.rounds, desc=label or cfg.server, enabled=progress)
+  last = record_eval(0)
+  done = 0
+  while done < cfg.rounds:
+    n_chunk = min(cfg.eval_every, cfg.rounds - done)
+    params, state, losses = run_chunk(params, state, done, jnp.arange(n_chunk))
+    losses = np.asarray(jax.device_get(losses), np.float64)
+    hist["rounds"].extend(range(done + 1, done + n_chunk + 1))
+    hist["train_loss"].extend(losses.tolist())
+    done += n_chunk
+    last = record_eval(done)
+    bar.update(n_chunk, local_loss=float(losses[-1]), global_loss=last)
+    if not math.isfinite(last):
+      bar.write(f"{label or cfg.server}: global loss is {last} at round {done}; stopping.")
+      break
+  bar.close()
+  hist["wall_s"] = time.perf_counter() - t0
+  try:
+    test_arrays = load_split(task, "test", cfg.data_dir)
+  except data.DatasetNotFoundError:
+    test_arrays = None  # no held-out split on disk: report the training metrics only.
+  if test_arrays is not None:
+    hist["test_loss"], hist["test_accuracy"] = make_evaluator(
+        task, eval_batches(task, test_arrays, 10**9))(params)
+  return hist
+
+
+def rounds_to_reach(hist: dict, target: float) -> int | None:
+  """First evaluated round whose global training loss is <= ``target`` (None if never)."""
+  for r, v in zip(hist["eval_rounds"], hist["global_train_loss"]):
+    if v <= target:
+      return r
+  return None

@@ -1,0 +1,49 @@
+"""The optax-localsgd command as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from optax_localsgd import cli
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "optax_localsgd.cli", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_train_writes_json_log_and_png(tmp_path):
+  r = _cli("train", "--task", "fmnist_mlp", "--server", "slowmo", "--local-lr", "0.1",
+           "--rounds", "6", "--eval-every", "3", "-K", "4", "-H", "2", "--out", str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  (hist,) = json.loads((tmp_path / "metrics.json").read_text())
+  assert hist["eval_rounds"] == [0, 3, 6] and len(hist["train_loss"]) == 6
+  assert hist["global_train_loss"][-1] < hist["global_train_loss"][0]
+  assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "6/6 rounds" in r.stderr  # the progress bar
+
+
+def test_demo_prints_a_comparison_table(tmp_path):
+  r = _cli("demo", "--rounds", "4", "--eval-every", "2", "--out", str(tmp_path), "--quiet")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout
+  assert (tmp_path / "demo.png").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["train", "--workers", "0"], "--workers must be >= 1"),
+    (["train", "--task", "fmnist_mlp", "--data-dir", "/nonexistent/dir", "--rounds", "1"],
+     "/nonexistent/dir"),
+    (["train", "--server", "lagg_a", "-K", "8", "--devices", "64", "--rounds", "1"],
+     "--devices 64 but JAX sees"),
+])
+def test_bad_flags_give_clear_errors(args, msg, capsys):
+  assert cli.main(args) == 2
+  assert msg in capsys.readouterr().err
+
+
+def test_unknown_task_lists_the_choices():
+  r = _cli("train", "--task", "nope")
+  assert r.returncode == 2 and "fmnist_mlp" in r.stderr
