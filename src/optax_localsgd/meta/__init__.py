@@ -1,0 +1,1 @@
+"""Meta-training of the learned server optimizers (PES, paper Algorithm 2)."""

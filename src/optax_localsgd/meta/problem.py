@@ -1,0 +1,225 @@
+"""Local SGD as a PES inner problem, and the whole outer step of meta-training as one program.
+
+An inner state is one optimizee being trained by local SGD with a learned server: its params,
+the server's state and the round count. :func:`make_outer_step` returns
+``outer_step(state, datas) -> (state, metrics)``: for every task group, an antithetic PES
+truncation of ``truncation`` rounds (``lax.scan`` over rounds inside, ``vmap`` over tasks and
+signs), resets of finished inner problems, NaN guards, and one AdamW step on the meta-parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_localsgd import baselines, engine, tasks
+from optax_localsgd.meta import pes
+from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms import lagg_a, lopt_a
+
+
+@dataclasses.dataclass(frozen=True)
+class PESConfig:
+  """Meta-training hyperparameters (paper appendix B defaults).
+
+  Attributes:
+    sigma: perturbation standard deviation.
+    truncation: rounds per truncated unroll (T_r).
+    min_inner, max_inner: inner-problem lengths are log-uniform in [min, max] rounds.
+    outer_steps: number of meta-gradient steps (sets the cosine schedule's length).
+    lr_init, lr_peak, lr_end, warmup_steps: AdamW learning rate, linear warm-up from
+      ``lr_init`` to ``lr_peak`` over ``warmup_steps``, then cosine decay to ``lr_end``.
+    weight_decay: AdamW weight decay.
+  """
+  sigma: float = 0.01
+  truncation: int = 50
+  min_inner: int = 100
+  max_inner: int = 1000
+  outer_steps: int = 5000
+  lr_init: float = 3e-10
+  lr_peak: float = 3e-3
+  lr_end: float = 1e-3
+  warmup_steps: int = 100
+  weight_decay: float = 1e-4
+
+  def schedule(self) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        self.lr_init, self.lr_peak, min(self.warmup_steps, self.outer_steps),
+        max(self.outer_steps, 1), self.lr_end)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGroup:
+  """``num_tasks`` optimizees of one task (same data and architecture, different inits)."""
+  task: tasks.Task
+  num_tasks: int
+  round_cfg: engine.RoundConfig
+  local_lr: float
+
+
+class GroupState(NamedTuple):
+  """Inner problems of one task group; ``params``/``server_state`` have axes ``(n, 2)``."""
+  params: Any
+  server_state: Any
+  xi: Any
+  rounds_done: jax.Array  # (n,) int32
+  length: jax.Array  # (n,) int32
+  key: jax.Array  # (n, 2) uint32, this inner problem's data/init key
+
+
+class MetaState(NamedTuple):
+  theta: MetaParams
+  opt_state: Any
+  groups: tuple[GroupState, ...]
+  key: jax.Array
+  step: jax.Array  # int32
+  nonfinite_pairs: jax.Array  # int32, pairs whose meta-loss was NaN/Inf (ignored)
+  nonfinite_grads: jax.Array  # int32, steps whose whole estimate was non-finite (skipped)
+
+
+def _server(theta: MetaParams):
+  cfg = theta.config
+  return lopt_a(theta) if cfg.kind == "lopt_a" else lagg_a(theta, cfg.num_workers)
+
+
+def _log_uniform_int(key, n, lo, hi):
+  u = jax.random.uniform(key, (n,), minval=math.log(lo), maxval=math.log(hi))
+  return jnp.round(jnp.exp(u)).astype(jnp.int32)
+
+
+def _fresh(group: TaskGroup, theta: MetaParams, key):
+  """A new inner problem: the same fresh params for both signs, zero server state."""
+  params = group.task.init(jax.random.fold_in(key, 0))
+  state = _server(theta).init(params)
+  two = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
+  return two(params), two(state)
+
+
+def init_group(group: TaskGroup, theta: MetaParams, key, pcfg: PESConfig) -> GroupState:
+  k_len, k_off, k_tasks = jax.random.split(key, 3)
+  n = group.num_tasks
+  keys = jax.random.split(k_tasks, n)
+  params, sstate = jax.vmap(lambda k: _fresh(group, theta, k))(keys)
+  length = _log_uniform_int(k_len, n, pcfg.min_inner, pcfg.max_inner)
+  # Random start offsets, so the tasks' inner problems do not all reset at the same step.
+  offset = jax.random.randint(k_off, (n,), 0, length)
+  zeros_xi = jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), theta)
+  return GroupState(params, sstate, zeros_xi, offset.astype(jnp.int32), length, keys)
+
+
+def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
+                    pcfg: PESConfig) -> MetaState:
+  opt = optax.adamw(pcfg.schedule(), weight_decay=pcfg.weight_decay)
+  keys = jax.random.split(key, len(groups) + 1)
+  return MetaState(
+      theta=theta, opt_state=opt.init(theta),
+      groups=tuple(init_group(g, theta, k, pcfg) for g, k in zip(groups, keys[1:])),
+      key=keys[0], step=jnp.zeros([], jnp.int32),
+      nonfinite_pairs=jnp.zeros([], jnp.int32), nonfinite_grads=jnp.zeros([], jnp.int32))
+
+
+def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData):
+  task = group.task
+  batch_fn = (engine.make_lm_batch(task.input_shape[0]) if task.kind == "language_model"
+              else engine.classification_batch)
+
+  def unroll(theta, inner, key_and_start):
+    key, start = key_and_start
+    params, sstate = inner
+    round_fn = engine.make_round_fn(task.loss, batch_fn, baselines.worker_sgd(group.local_lr),
+                                    _server(theta), group.round_cfg)
+
+    def body(carry, r):
+      p, s = carry
+      p, s, m = round_fn(p, s, jax.random.fold_in(key, start + r), data)
+      return (p, s), m["train_loss"]
+
+    (params, sstate), losses = jax.lax.scan(body, (params, sstate), jnp.arange(truncation))
+    return (params, sstate), jnp.mean(losses)  # paper eq. 3: mean over the truncation
+
+  return unroll
+
+
+def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
+  """``outer_step(state: MetaState, datas: tuple[DeviceData]) -> (state, metrics)``."""
+  opt = optax.adamw(pcfg.schedule(), weight_decay=pcfg.weight_decay)
+  n_total = sum(g.num_tasks for g in groups)
+
+  def outer_step(state: MetaState, datas):
+    key, k_step = jax.random.split(state.key)
+    theta = state.theta
+    grad = jax.tree.map(jnp.zeros_like, theta)
+    new_groups, losses, n_bad = [], [], jnp.zeros([], jnp.int32)
+    for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
+      k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
+      eps = pes.sample_perturbation(k_eps, theta, group.num_tasks, pcfg.sigma)
+      unroll = _unroll_fn(group, pcfg.truncation, data)
+      est = pes.antithetic_pes(
+          lambda th, inner, ks: unroll(th, inner, ks), theta,
+          (gs.params, gs.server_state), gs.xi, (gs.key, gs.rounds_done), eps, pcfg.sigma)
+      # Weight each group by its share of particles: the estimate is a mean over all of them.
+      w = group.num_tasks / n_total
+      grad = jax.tree.map(lambda a, b: a + w * b, grad, est.grad)
+      losses.append(est.losses)
+      n_bad = n_bad + jnp.sum(~est.finite)
+      new_groups.append(_advance(group, gs, est, theta, k_reset, pcfg))
+    mean_loss = jnp.mean(jnp.concatenate([jnp.where(jnp.isfinite(l), l, jnp.nan).reshape(-1)
+                                          for l in losses]))
+    grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grad)]))
+    grad = jax.tree.map(lambda g: jnp.where(grad_ok, g, 0.0), grad)
+    updates, opt_state = opt.update(grad, state.opt_state, theta)
+    new_theta = optax.apply_updates(theta, updates)
+    new_state = MetaState(
+        theta=new_theta, opt_state=opt_state, groups=tuple(new_groups), key=key,
+        step=state.step + 1, nonfinite_pairs=state.nonfinite_pairs + n_bad,
+        nonfinite_grads=state.nonfinite_grads + (~grad_ok).astype(jnp.int32))
+    metrics = {"meta_loss": mean_loss, "lr": pcfg.schedule()(state.step),
+               "nonfinite_pairs": n_bad, "grad_finite": grad_ok,
+               "grad_norm": optax.tree.norm(grad)}
+    return new_state, metrics
+
+  return outer_step
+
+
+def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
+             pcfg: PESConfig) -> GroupState:
+  """Count the rounds; restart inner problems that finished or produced non-finite losses."""
+  params, sstate = est.inner_states
+  done = gs.rounds_done + pcfg.truncation
+  reset = (done >= gs.length) | ~est.finite
+  n = group.num_tasks
+  k_len, k_new = jax.random.split(key)
+  new_keys = jax.vmap(lambda k, i: jax.random.fold_in(k, i))(
+      gs.key, jnp.full((n,), 1, jnp.uint32) + done.astype(jnp.uint32))
+  fresh_p, fresh_s = jax.vmap(lambda k: _fresh(group, theta, k))(new_keys)
+  new_len = _log_uniform_int(k_len, n, pcfg.min_inner, pcfg.max_inner)
+
+  def pick(new, old):
+    return jax.tree.map(
+        lambda a, b: jnp.where(reset.reshape((n,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+  return GroupState(
+      params=pick(fresh_p, params), server_state=pick(fresh_s, sstate),
+      xi=pick(jax.tree.map(jnp.zeros_like, est.xi), est.xi),
+      rounds_done=jnp.where(reset, 0, done).astype(jnp.int32),
+      length=jnp.where(reset, new_len, gs.length), key=pick(new_keys, gs.key))
+
+
+def evaluate_meta_loss(theta: MetaParams, group: TaskGroup, data: engine.DeviceData,
+                       rounds: int, seeds: tuple[int, ...] = (0, 1, 2)) -> jax.Array:
+  """The meta-objective of ``theta`` without perturbation or persistence: the mean local
+  training loss over ``rounds`` rounds from fresh inits, averaged over ``seeds`` (same inits and
+  minibatches for any ``theta``, so two values are directly comparable)."""
+  unroll = _unroll_fn(group, rounds, data)
+
+  def one(seed):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 12345)
+    params = group.task.init(jax.random.fold_in(key, 0))
+    return unroll(theta, (params, _server(theta).init(params)), (key, jnp.int32(0)))[1]
+
+  return jnp.mean(jnp.stack([one(s) for s in seeds]))

@@ -1,0 +1,431 @@
+"""Weight files of the learned server optimizers: save, verify and load :class:`MetaParams`.
+
+A weight file is one ``.npz`` archive (a ZIP of ``.npy`` arrays, no compression) with
+
+* ``mlp/w0, mlp/b0, mlp/w1, mlp/b1, mlp/w2, mlp/b2`` and ``decay_offsets``: float32,
+  little-endian, with the shapes that the stored config implies;
+* ``__metadata__``: a 1-D uint8 array holding UTF-8 JSON::
+
+    {"format": "optax-localsgd-weights", "format_version": 1,
+     "config": LearnedOptimizerConfig.to_dict(), "info": {...free-form, from the trainer...},
+     "arrays_sha256": "<hex>"}
+
+``arrays_sha256`` covers every array (not the metadata), in name order; see
+:func:`_arrays_sha256`. Files are read with ``np.load(..., allow_pickle=False)``, so a
+downloaded file can at worst be rejected, never execute code. Writes are atomic (temporary
+file in the same folder, fsync, ``os.replace``) and byte-for-byte reproducible: the same
+weights, config and info always give the same file and the same :func:`file_sha256`.
+
+Bundled weights live in the top-level ``pretrained/`` folder of a source checkout, or in
+``optax_localsgd/_pretrained`` inside an installed wheel, and are named by their relative path
+without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import os
+import pathlib
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from optax_localsgd import features
+from optax_localsgd.meta_params import (FEATURE_SET_VERSION, SIGN_CONVENTION,
+                                        LearnedOptimizerConfig, MetaParams, mlp_shapes)
+
+FORMAT = "optax-localsgd-weights"
+FORMAT_VERSION = 1
+METADATA_KEY = "__metadata__"
+MLP_NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
+ARRAY_NAMES = tuple(f"mlp/{n}" for n in MLP_NAMES) + ("decay_offsets",)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Fixed ZIP member timestamp (the earliest ZIP can store), so files are reproducible.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with optax_localsgd.meta.checkpoint.
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+  """``arr`` as a C-contiguous little-endian array (same values, same dtype kind)."""
+  arr = np.asarray(arr)
+  arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+  # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
+  return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+  """Hex sha256 over ``arrays`` in sorted-name order.
+
+  For each array the digest takes the line ``json.dumps([name, dtype.str, list(shape)])``
+  (UTF-8, ``dtype.str`` of the little-endian dtype, e.g. ``"<f4"``), a ``"\\n"``, then the raw
+  C-order little-endian bytes of the array.
+  """
+  h = hashlib.sha256()
+  for name in sorted(arrays):
+    arr = _little_endian(arrays[name])
+    h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode("utf-8"))
+    h.update(b"\n")
+    h.update(arr.tobytes(order="C"))
+  return h.hexdigest()
+
+
+def _metadata_array(metadata: Mapping[str, Any]) -> np.ndarray:
+  """``metadata`` as strict JSON (sorted keys, no NaN/inf) in a 1-D uint8 array."""
+  text = json.dumps(metadata, sort_keys=True, allow_nan=False, ensure_ascii=False)
+  return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
+  """Writes ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically.
+
+  The archive goes to a temporary file in the destination folder, is fsync'ed and then
+  ``os.replace``'d over ``path``, so a reader sees either the old file or the complete new one.
+  Members are written in the given order with a fixed timestamp (reproducible bytes).
+
+  Returns:
+    The hex sha256 of the written file.
+  """
+  path = pathlib.Path(path)
+  directory = path.parent if str(path.parent) else pathlib.Path(".")
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "w+b") as f:
+      with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+          info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+          info.external_attr = 0o644 << 16
+          with zf.open(info, "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
+      f.flush()
+      os.fsync(f.fileno())
+      f.seek(0)
+      digest = _sha256_of_stream(f)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  _fsync_dir(directory)
+  return digest
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+  """Best-effort fsync of a folder so the rename itself survives a crash (POSIX only)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _sha256_of_stream(f) -> str:
+  h = hashlib.sha256()
+  for chunk in iter(lambda: f.read(1 << 20), b""):
+    h.update(chunk)
+  return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _open_npz(path: pathlib.Path, what: str, error: type[ValueError]) -> Iterator[Any]:
+  """Opens ``path`` with ``np.load(allow_pickle=False)``; errors become ``error`` naming it."""
+  try:
+    loaded = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise error(f"{what} {path} is not a readable .npz archive: {e}") from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise error(f"{what} {path} is a single .npy array, not an .npz archive.")
+  with loaded:
+    yield loaded
+
+
+def _read_member(npz, name: str, path: pathlib.Path, what: str,
+                 error: type[ValueError]) -> np.ndarray:
+  """One array of an open npz; pickled / non-.npy / CRC-failing members raise ``error``."""
+  try:
+    arr = npz[name]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    raise error(f"{what} {path} is corrupt or unreadable (member {name!r}): {e}") from e
+  if not isinstance(arr, np.ndarray):
+    raise error(f"{what} {path}: member {name!r} is not a .npy array.")
+  return arr
+
+
+def _read_metadata(npz, path: pathlib.Path, what: str, error: type[ValueError]) -> dict:
+  """Decodes the ``__metadata__`` member of an open npz into a dict."""
+  if METADATA_KEY not in npz.files:
+    raise error(f"{what} {path} has no {METADATA_KEY!r} entry; it was not written by "
+                f"optax-localsgd (or was re-saved without it).")
+  raw = _read_member(npz, METADATA_KEY, path, what, error)
+  if raw.dtype != np.uint8 or raw.ndim != 1:
+    raise error(f"{what} {path}: {METADATA_KEY!r} must be a 1-D uint8 array of UTF-8 JSON, "
+                f"got dtype {raw.dtype} shape {raw.shape}.")
+  try:
+    meta = json.loads(raw.tobytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f"{what} {path}: {METADATA_KEY!r} is not valid UTF-8 JSON: {e}") from e
+  if not isinstance(meta, dict):
+    raise error(f"{what} {path}: {METADATA_KEY!r} must be a JSON object, got "
+                f"{type(meta).__name__}.")
+  return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Locating files.
+
+
+def _bundled_dirs() -> list[pathlib.Path]:
+  """Folders that may hold bundled weights, in lookup order (existing ones only)."""
+  candidates = [pathlib.Path(__file__).resolve().parents[2] / "pretrained"]
+  try:
+    resource = importlib.resources.files("optax_localsgd") / "_pretrained"
+  except (ModuleNotFoundError, TypeError):
+    resource = None
+  # Only a real folder on disk is usable (not a zipimport); that is how wheels install.
+  if isinstance(resource, pathlib.Path):
+    candidates.append(resource)
+  return [d for d in candidates if d.is_dir()]
+
+
+def available() -> list[str]:
+  """Names of the bundled weight files, sorted, e.g. ``["lopt_a/fmnist_mlp_k8_h4"]``.
+
+  A name is the file's path relative to the bundled folder, with ``/`` separators and without
+  ``.npz``. Returns ``[]`` when no weights are bundled.
+  """
+  names = set()
+  for d in _bundled_dirs():
+    for f in d.rglob("*.npz"):
+      if f.is_file():
+        names.add(f.relative_to(d).with_suffix("").as_posix())
+  return sorted(names)
+
+
+def _resolve(path_or_name: PathLike) -> pathlib.Path:
+  """A path to a file, from a path (``os.PathLike`` or ``str`` ending in ``.npz``) or a name.
+
+  Any ``str`` not ending in ``.npz`` is a bundled name; this never depends on the current
+  folder, so a stray local file cannot shadow bundled weights.
+  """
+  if isinstance(path_or_name, os.PathLike) or (
+      isinstance(path_or_name, str) and path_or_name.endswith(".npz")):
+    path = pathlib.Path(path_or_name)
+    if not path.is_file():
+      raise ValueError(f"Weight file {path} does not exist (or is not a file).")
+    return path
+  if not isinstance(path_or_name, str):
+    raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")
+  name = path_or_name
+  if _NAME_RE.match(name) and ".." not in name.split("/"):
+    for d in _bundled_dirs():
+      path = d / f"{name}.npz"
+      if path.is_file():
+        return path
+  raise ValueError(
+      f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. "
+      f"To load a file, pass a pathlib.Path or a path ending in '.npz'.")
+
+
+def file_sha256(path: PathLike) -> str:
+  """Hex sha256 of the bytes of the file at ``path`` (what :func:`save` returns)."""
+  with open(path, "rb") as f:
+    return _sha256_of_stream(f)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def save(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
+  """Writes ``meta`` and ``info`` to one ``.npz`` weight file, atomically.
+
+  Args:
+    path: destination; must end in ``.npz``. The folder must exist; an existing file is
+      replaced atomically.
+    meta: LOpt-A or LAgg-A meta-parameters. Floating arrays are stored as float32 (exact for
+      float32 inputs); their shapes must match ``meta.config``.
+    info: free-form JSON object describing how the weights were made (optimizer, K, H, tasks,
+      outer steps, final meta-loss, package version, exact command, ...). Must be strict JSON:
+      no NaN/inf, string keys.
+
+  Returns:
+    The hex sha256 of the whole file, to publish next to it and pass to
+    ``load(..., expected_sha256=...)``.
+
+  Raises:
+    ValueError: wrong suffix, a shape that does not match the config, a non-floating array,
+      or ``info`` that is not JSON-serializable.
+  """
+  path = pathlib.Path(path)
+  if path.suffix != ".npz":
+    raise ValueError(f"Weight files must end in '.npz', got {path}.")
+  if not isinstance(meta, MetaParams):
+    raise ValueError(f"save expects MetaParams, got {type(meta).__name__}.")
+  if not isinstance(info, Mapping):
+    raise ValueError(f"info must be a dict (JSON object), got {type(info).__name__}.")
+  cfg = meta.config
+  expected = _expected_shapes(cfg)
+  if set(meta.mlp) != set(MLP_NAMES):
+    raise ValueError(f"meta.mlp must have keys {list(MLP_NAMES)}, got {sorted(meta.mlp)}.")
+  arrays = {}
+  for name in ARRAY_NAMES:
+    value = meta.decay_offsets if name == "decay_offsets" else meta.mlp[name[4:]]
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != jnp.bfloat16:
+      raise ValueError(f"{name} must be a floating array, got dtype {arr.dtype}.")
+    if arr.shape != expected[name]:
+      raise ValueError(f"{name} has shape {arr.shape} but the config ({cfg.kind}, "
+                       f"{cfg.num_inputs} inputs, hidden {cfg.hidden_size}) implies "
+                       f"{expected[name]}.")
+    arrays[name] = _little_endian(arr.astype(np.float32))
+  metadata = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "config": cfg.to_dict(),
+      "info": dict(info),
+      "arrays_sha256": _arrays_sha256(arrays),
+  }
+  try:
+    arrays[METADATA_KEY] = _metadata_array(metadata)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"info must be strict JSON (str keys; no NaN/inf; lists, dicts, str, "
+                     f"numbers, bools, None): {e}") from e
+  return _write_npz_atomic(path, arrays)
+
+
+def _expected_shapes(cfg: LearnedOptimizerConfig) -> dict[str, tuple[int, ...]]:
+  shapes = {f"mlp/{k}": v for k, v in mlp_shapes(cfg.num_inputs, cfg.hidden_size).items()}
+  shapes["decay_offsets"] = (features.NUM_DECAYS,)
+  return shapes
+
+
+def _check_header(meta: dict, path: pathlib.Path) -> None:
+  fmt = meta.get("format")
+  if fmt != FORMAT:
+    raise ValueError(f"Weight file {path} has format tag {fmt!r}, expected {FORMAT!r}.")
+  version = meta.get("format_version")
+  if isinstance(version, bool) or not isinstance(version, int):
+    raise ValueError(f"Weight file {path} has an invalid format_version {version!r}.")
+  if version != FORMAT_VERSION:
+    raise ValueError(
+        f"Weight file {path} has format_version {version}; this version of optax-localsgd "
+        f"reads format_version {FORMAT_VERSION}"
+        + (" (upgrade optax-localsgd)." if version > FORMAT_VERSION else "."))
+
+
+def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig:
+  """Rebuilds the config; JSON lists become tuples; incompatible feature sets are refused."""
+  if not isinstance(config, dict):
+    raise ValueError(f"Weight file {path}: metadata 'config' must be a JSON object, got "
+                     f"{type(config).__name__}.")
+  fields = {f.name for f in dataclasses.fields(LearnedOptimizerConfig)}
+  unknown = sorted(set(config) - fields)
+  if unknown:
+    raise ValueError(f"Weight file {path}: unknown config fields {unknown} (written by a "
+                     f"newer optax-localsgd?).")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+  try:
+    cfg = LearnedOptimizerConfig(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"Weight file {path}: invalid config: {e}") from e
+  if cfg.feature_set != FEATURE_SET_VERSION:
+    raise ValueError(f"Weight file {path} was trained on feature set {cfg.feature_set!r}; "
+                     f"this version of optax-localsgd computes {FEATURE_SET_VERSION!r}.")
+  if cfg.sign_convention != SIGN_CONVENTION:
+    raise ValueError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
+                     f"this version of optax-localsgd uses {SIGN_CONVENTION!r}.")
+  return cfg
+
+
+def metadata(path_or_name: PathLike) -> dict:
+  """The JSON metadata of a weight file (format, config, info, arrays_sha256).
+
+  Reads only the ``__metadata__`` entry and checks the format tag and version; the arrays are
+  neither loaded nor verified (use :func:`load` for that).
+
+  Args:
+    path_or_name: a path (``pathlib.Path`` or a ``str`` ending in ``.npz``) or a bundled name.
+
+  Raises:
+    ValueError: unknown name, unreadable file, missing/invalid metadata, wrong format.
+  """
+  path = _resolve(path_or_name)
+  with _open_npz(path, "Weight file", ValueError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", ValueError)
+  _check_header(meta, path)
+  return meta
+
+
+def load(path_or_name: PathLike, *, expected_sha256: str | None = None) -> MetaParams:
+  """Loads and verifies a weight file written by :func:`save`.
+
+  Args:
+    path_or_name: a path (``pathlib.Path``, or a ``str`` ending in ``.npz``) or a bundled
+      name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+    expected_sha256: hex sha256 of the whole file as published; checked before anything in
+      the file is parsed.
+
+  Returns:
+    :class:`MetaParams` with float32 arrays bit-identical to those saved and an equal config.
+
+  Raises:
+    ValueError: naming the file and the problem: unknown name, unreadable / not an npz /
+      pickled content, missing metadata, wrong format tag or version, missing or extra arrays,
+      shapes or dtypes that do not match the config, ``arrays_sha256`` mismatch (corrupt or
+      modified), or whole-file sha256 different from ``expected_sha256``.
+  """
+  path = _resolve(path_or_name)
+  if expected_sha256 is not None:
+    actual = file_sha256(path)
+    if actual != expected_sha256.strip().lower():
+      raise ValueError(f"Weight file {path} has sha256 {actual}, expected {expected_sha256}: "
+                       f"the file is not the one published (corrupt, truncated or modified).")
+  with _open_npz(path, "Weight file", ValueError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", ValueError)
+    _check_header(meta, path)
+    cfg = _config_from_json(meta.get("config"), path)
+    names = set(npz.files) - {METADATA_KEY}
+    missing = sorted(set(ARRAY_NAMES) - names)
+    extra = sorted(names - set(ARRAY_NAMES))
+    if missing or extra:
+      raise ValueError(f"Weight file {path} has the wrong arrays: missing {missing}, "
+                       f"unexpected {extra}.")
+    arrays = {n: _read_member(npz, n, path, "Weight file", ValueError) for n in ARRAY_NAMES}
+  for name, shape in _expected_shapes(cfg).items():
+    arr = arrays[name]
+    if arr.shape != shape:
+      raise ValueError(f"Weight file {path}: {name} has shape {arr.shape}, but its config "
+                       f"({cfg.kind}, {cfg.num_inputs} inputs, hidden {cfg.hidden_size}) "
+                       f"implies {shape}.")
+    if arr.dtype != np.float32:
+      raise ValueError(f"Weight file {path}: {name} has dtype {arr.dtype}, expected float32.")
+  stored = meta.get("arrays_sha256")
+  actual = _arrays_sha256(arrays)
+  if stored != actual:
+    raise ValueError(f"Weight file {path} is corrupt or modified: its arrays hash to "
+                     f"{actual}, but its metadata records arrays_sha256={stored!r}.")
+  return MetaParams(
+      mlp={n: jnp.asarray(arrays[f"mlp/{n}"]) for n in MLP_NAMES},
+      decay_offsets=jnp.asarray(arrays["decay_offsets"]),
+      config=cfg)

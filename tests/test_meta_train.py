@@ -1,0 +1,97 @@
+"""Meta-training on real Fashion-MNIST: progress, exact resume, NaN guard, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_localsgd import cli, engine, pretrained, tasks
+from optax_localsgd.meta.problem import PESConfig, TaskGroup, evaluate_meta_loss
+from optax_localsgd.meta.train import MetaTrainConfig, _setup, meta_train
+
+
+def tiny(**kw):
+  pes = dict(truncation=3, min_inner=6, max_inner=12, outer_steps=20, warmup_steps=2,
+             lr_peak=3e-3)
+  pes.update(kw.pop("pes", {}))
+  base = dict(optimizer="lopt_a", tasks=("fmnist_mlp",), workers=2, local_steps=2,
+              batch_size=16, tasks_per_estimate=2, checkpoint_every=1000, pes=PESConfig(**pes))
+  base.update(kw)
+  return MetaTrainConfig(**base)
+
+
+def _theta_leaves(path):
+  m = pretrained.load(path)
+  return [np.asarray(x) for x in jax.tree.leaves(m)]
+
+
+def test_resume_is_bit_identical(tmp_path):
+  cfg = tiny()
+  straight = meta_train(cfg, tmp_path / "a", progress=False)
+  first = meta_train(cfg, tmp_path / "b", progress=False, stop_after=10)
+  assert first["interrupted"] and first["step"] == 10 and first["weights"] is None
+  second = meta_train(cfg, tmp_path / "b", resume=True, progress=False)
+  assert second["step"] == 20
+  for x, y in zip(_theta_leaves(straight["weights"]), _theta_leaves(second["weights"])):
+    np.testing.assert_array_equal(x, y)
+  assert straight["log"]["meta_loss"] == second["log"]["meta_loss"]
+  meta = pretrained.metadata(second["weights"])["info"]
+  assert meta["outer_steps"] == 20 and meta["optimizer"] == "lopt_a" and meta["K"] == 2
+
+
+def test_meta_training_lowers_the_meta_loss(tmp_path):
+  """Fresh weights take ~1e-3 steps; a few dozen PES steps must find faster progress."""
+  cfg = tiny(workers=4, batch_size=32, tasks_per_estimate=4,
+             pes=dict(outer_steps=30, lr_peak=3e-2, truncation=5, min_inner=10, max_inner=40))
+  groups, datas, state0 = _setup(cfg)
+  res = meta_train(cfg, tmp_path, progress=False)
+  trained = pretrained.load(res["weights"])
+  ev = jax.jit(lambda th: evaluate_meta_loss(th, groups[0], datas[0], rounds=20))
+  before, after = float(ev(state0.theta)), float(ev(trained))
+  assert after < before - 0.05, (before, after)
+  assert (tmp_path / "meta_loss.png").exists()
+  log = json.loads((tmp_path / "log.json").read_text())
+  assert len(log["meta_loss"]) == 30
+
+
+def test_non_finite_meta_losses_never_reach_theta(tmp_path):
+  # A local learning rate this large overflows the optimizees' weights to inf/NaN at once.
+  cfg = tiny(local_lr=1e38, pes=dict(outer_steps=3))
+  res = meta_train(cfg, tmp_path, progress=False)
+  assert res["log"]["nonfinite_pairs"] == [2, 2, 2]  # both tasks, every step, counted
+  for x in _theta_leaves(res["weights"]):
+    assert np.all(np.isfinite(x))
+  assert pretrained.metadata(res["weights"])["info"]["nonfinite_pairs"] > 0
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+  meta_train(tiny(), tmp_path, progress=False, stop_after=1)
+  with pytest.raises(ValueError, match="workers"):
+    meta_train(tiny(workers=4), tmp_path, resume=True, progress=False)
+  with pytest.raises(ValueError, match="exists: pass --resume"):
+    meta_train(tiny(), tmp_path, progress=False)
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  meta_train(tiny(), tmp_path, progress=False, stop_after=1)
+  ck = tmp_path / "checkpoint.npz"
+  ck.write_bytes(ck.read_bytes()[: len(ck.read_bytes()) // 2])
+  with pytest.raises(ValueError, match="corrupt"):
+    meta_train(tiny(), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--optimizer", "lopt_a", "--task", "nope"], "Unknown task"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--task", "fmnist_cnn",
+      "--tasks-per-estimate", "3"], "multiple of the number of tasks"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--outer-steps", "0"],
+     "--outer-steps must be >= 1"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--resume"], "no checkpoint"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--min-inner", "50",
+      "--max-inner", "10"], "min_inner <= max_inner"),
+])
+def test_bad_flags(args, msg, tmp_path, capsys):
+  assert cli.main(["meta-train", *args, "--out", str(tmp_path / "o")]) == 2
+  assert msg in capsys.readouterr().err
