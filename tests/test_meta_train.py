@@ -43,17 +43,16 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_meta_training_lowers_the_meta_loss(tmp_path):
   """Fresh weights take ~1e-3 steps; a few dozen PES steps must find faster progress."""
-  cfg = tiny(workers=4, batch_size=32, tasks_per_estimate=4,
-             pes=dict(outer_steps=30, lr_peak=3e-2, truncation=5, min_inner=10, max_inner=40))
+  cfg = tiny(pes=dict(outer_steps=15, lr_peak=3e-2, truncation=4, min_inner=8, max_inner=30))
   groups, datas, state0 = _setup(cfg)
   res = meta_train(cfg, tmp_path, progress=False)
   trained = pretrained.load(res["weights"])
   ev = jax.jit(lambda th: evaluate_meta_loss(th, groups[0], datas[0], rounds=20))
   before, after = float(ev(state0.theta)), float(ev(trained))
-  assert after < before - 0.05, (before, after)
+  assert after < before - 0.3, (before, after)  # measured: 3.48 -> 2.42
   assert (tmp_path / "meta_loss.png").exists()
   log = json.loads((tmp_path / "log.json").read_text())
-  assert len(log["meta_loss"]) == 30
+  assert len(log["meta_loss"]) == 15
 
 
 def test_non_finite_meta_losses_never_reach_theta(tmp_path):
