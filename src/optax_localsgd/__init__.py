@@ -9,11 +9,12 @@ from optax_localsgd._version import __version__
 from optax_localsgd.features import AdaAccumulators
 from optax_localsgd.meta_params import (LearnedOptimizerConfig, MetaParams, init_lagg_a,
                                         init_lopt_a)
+from optax_localsgd import pretrained
 from optax_localsgd.transforms import (LearnedOptState, LocalSGDState, SlowMoState, lagg_a,
                                        local_sgd, lopt_a, slowmo)
 
 __all__ = [
     "AdaAccumulators", "LearnedOptState", "LearnedOptimizerConfig", "LocalSGDState",
     "MetaParams", "SlowMoState", "__version__", "init_lagg_a", "init_lopt_a", "lagg_a",
-    "local_sgd", "lopt_a", "slowmo",
+    "local_sgd", "lopt_a", "pretrained", "slowmo",
 ]
