@@ -94,3 +94,39 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 def test_bad_flags(args, msg, tmp_path, capsys):
   assert cli.main(["meta-train", *args, "--out", str(tmp_path / "o")]) == 2
   assert msg in capsys.readouterr().err
+
+
+def test_multi_task_meta_batch(tmp_path):
+  """One estimate over two architectures (MLP and CNN on the same data)."""
+  cfg = tiny(tasks=("fmnist_mlp", "fmnist_cnn"), pes=dict(outer_steps=2))
+  res = meta_train(cfg, tmp_path, progress=False)
+  assert res["step"] == 2 and all(np.isfinite(res["log"]["meta_loss"]))
+  assert pretrained.metadata(res["weights"])["info"]["tasks"] == ["fmnist_mlp", "fmnist_cnn"]
+
+
+def test_sigint_writes_a_checkpoint_that_resumes(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  args = [sys.executable, "-m", "optax_localsgd.cli", "meta-train", "--optimizer", "lopt_a",
+          "--task", "fmnist_mlp", "-K", "2", "-H", "2", "-B", "16", "--tasks-per-estimate", "2",
+          "--truncation", "3", "--min-inner", "6", "--max-inner", "12", "--outer-steps", "100000",
+          "--checkpoint-every", "100000", "--out", str(tmp_path)]
+  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  line = ""
+  while "steps" not in line and time.time() < deadline:  # the progress bar's first line
+    line = proc.stderr.readline()
+  time.sleep(2)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["interrupted"] and 0 < summary["step"] < 100000 and summary["weights"] is None
+  assert "resume with --resume" in err
+  # The checkpoint is complete: resuming (same configuration as the command) continues.
+  same = tiny(pes=dict(outer_steps=100000, warmup_steps=100))
+  res = meta_train(same, tmp_path, resume=True, progress=False, stop_after=1)
+  assert res["step"] == summary["step"] + 1

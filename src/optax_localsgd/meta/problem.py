@@ -48,9 +48,10 @@ class PESConfig:
   weight_decay: float = 1e-4
 
   def schedule(self) -> optax.Schedule:
+    warmup = min(self.warmup_steps, self.outer_steps)
+    # optax needs at least one cosine step, also for runs no longer than the warm-up.
     return optax.warmup_cosine_decay_schedule(
-        self.lr_init, self.lr_peak, min(self.warmup_steps, self.outer_steps),
-        max(self.outer_steps, 1), self.lr_end)
+        self.lr_init, self.lr_peak, warmup, max(self.outer_steps, warmup + 1), self.lr_end)
 
 
 @dataclasses.dataclass(frozen=True)
