@@ -81,7 +81,7 @@ def load_split(task: tasks.Task, split: str, data_dir: str | None) -> dict[str, 
   return {"x": ds.x, "y": ds.y}
 
 
-def _num_items(task: tasks.Task, arrays: dict) -> int:
+def num_items(task: tasks.Task, arrays: dict) -> int:
   """Examples, or for a language model the number of valid window offsets."""
   if task.kind == "language_model":
     return len(arrays["x"]) - task.input_shape[0] - 1
@@ -89,6 +89,7 @@ def _num_items(task: tasks.Task, arrays: dict) -> int:
 
 
 def batch_fn_for(task: tasks.Task) -> engine.BatchFn:
+  """How the engine turns sampled indices into batches for ``task``."""
   if task.kind == "language_model":
     return engine.make_lm_batch(task.input_shape[0])
   return engine.classification_batch
@@ -96,7 +97,7 @@ def batch_fn_for(task: tasks.Task) -> engine.BatchFn:
 
 def eval_batches(task: tasks.Task, arrays: dict, n: int, chunk: int = 2000) -> list[dict]:
   """A fixed subset of ``n`` items in chunks, the same for every run."""
-  total = _num_items(task, arrays)
+  total = num_items(task, arrays)
   idx = np.random.default_rng(EVAL_SUBSET_SEED).permutation(total)[:min(n, total)]
   fn = batch_fn_for(task)
   return [jax.tree.map(np.asarray, fn(arrays, idx[i:i + chunk]))
@@ -127,7 +128,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   """
   task = tasks.get_task(cfg.task)
   train_arrays = load_split(task, "train", cfg.data_dir)
-  n = _num_items(task, train_arrays)
+  n = num_items(task, train_arrays)
   shards = data.split_homogeneous(n, cfg.workers, cfg.seed)
   server = servers.make_server(
       cfg.server, num_workers=cfg.workers, local_learning_rate=cfg.local_lr,

@@ -19,6 +19,7 @@ import optax
 
 from optax_localsgd import baselines, engine, tasks
 from optax_localsgd.meta import pes
+from optax_localsgd.trainer import batch_fn_for
 from optax_localsgd.meta_params import MetaParams
 from optax_localsgd.transforms import lagg_a, lopt_a
 
@@ -126,8 +127,7 @@ def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
 
 def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData):
   task = group.task
-  batch_fn = (engine.make_lm_batch(task.input_shape[0]) if task.kind == "language_model"
-              else engine.classification_batch)
+  batch_fn = batch_fn_for(task)
 
   def unroll(theta, inner, key_and_start):
     key, start = key_and_start

@@ -29,7 +29,7 @@ from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state,
                                          make_outer_step)
 from optax_localsgd.meta_params import init_lagg_a, init_lopt_a
 from optax_localsgd.progress import Progress
-from optax_localsgd.trainer import load_split
+from optax_localsgd.trainer import load_split, num_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _setup(cfg: MetaTrainConfig):
   for i, name in enumerate(cfg.tasks):
     task = tasks.get_task(name)
     arrays = load_split(task, "train", cfg.data_dir)
-    n = len(arrays["x"]) - (task.input_shape[0] + 1 if task.kind == "language_model" else 0)
+    n = num_items(task, arrays)
     datas.append(jax.device_put(engine.DeviceData(
         arrays, data.split_homogeneous(n, cfg.workers, cfg.seed + i))))
     groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr))
