@@ -194,9 +194,8 @@ def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
   done = gs.rounds_done + pcfg.truncation
   reset = (done >= gs.length) | ~est.finite
   n = group.num_tasks
-  k_len, k_new = jax.random.split(key)
-  new_keys = jax.vmap(lambda k, i: jax.random.fold_in(k, i))(
-      gs.key, jnp.full((n,), 1, jnp.uint32) + done.astype(jnp.uint32))
+  k_len = jax.random.split(key)[0]
+  new_keys = jax.vmap(jax.random.fold_in)(gs.key, done.astype(jnp.uint32) + 1)
   fresh_p, fresh_s = jax.vmap(lambda k: _fresh(group, theta, k))(new_keys)
   new_len = _log_uniform_int(k_len, n, pcfg.min_inner, pcfg.max_inner)
 
