@@ -132,6 +132,78 @@ def cmd_meta_train(args) -> int:
   return 0
 
 
+def _parse_seeds(text: str) -> tuple[int, ...]:
+  """``"100-109"`` or ``"1,2,5"`` -> a tuple of seeds."""
+  seeds: list[int] = []
+  for part in text.split(","):
+    lo, _, hi = part.partition("-")
+    seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+  return tuple(seeds)
+
+
+def _default_weights(methods, task: str, k: int, h: int) -> dict[str, str]:
+  from optax_localsgd import pretrained
+  out = {}
+  for m in methods:
+    name = f"{m}/{task}_k{k}_h{h}"
+    if m in ("lopt_a", "lagg_a") and name in pretrained.available():
+      out[m] = name
+  return out
+
+
+def cmd_evaluate(args) -> int:
+  from optax_localsgd import evaluation, report, sweep
+  methods = tuple(args.methods.split(","))
+  weights = _default_weights(methods, args.task, args.workers, args.local_steps)
+  for w in args.weights or []:
+    method, sep, name = w.partition("=")
+    if not sep:
+      raise ValueError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
+    weights[method] = name
+  cfg = evaluation.EvalConfig(
+      task=args.task, workers=args.workers, local_steps=args.local_steps,
+      batch_size=args.batch_size, rounds=args.rounds, seeds=_parse_seeds(args.seeds),
+      methods=methods, weights=tuple(sorted(weights.items())), target_loss=args.target_loss,
+      eval_every=args.eval_every, eval_dense_until=args.eval_dense_until,
+      data_dir=args.data_dir)
+  key = args.hparams_key or sweep.SweepConfig(
+      args.task, args.workers, args.local_steps, args.batch_size).key()
+  hparams = sweep.tuned_hparams(key, pathlib.Path(args.hparams) if args.hparams else None)
+  name = args.name or f"{args.task}_k{args.workers}_h{args.local_steps}"
+  runs = evaluation.run_all(cfg, hparams, pathlib.Path(args.cache) / name,
+                            progress=not args.quiet)
+  summary = evaluation.summarize(cfg, runs)
+  for m in methods:
+    summary[m]["hparams"] = ({"weights": weights[m], "local_lr": runs[m][0]["config"]["local_lr"]}
+                             if m in weights else hparams[m])
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  report.plot_curves(cfg, runs, out / f"{name}.png")
+  command = "optax-localsgd " + " ".join(args.argv)
+  text = report.markdown(cfg, summary, command, f"{name}.png")
+  (out / f"{name}.md").write_text(text)
+  (out / f"{name}.json").write_text(json.dumps(
+      {"command": command, "hparams_key": key, "summary": summary}, indent=1) + "\n")
+  print(text)
+  print(f"wrote {out / (name + '.md')}, .json and .png", file=sys.stderr)
+  return 0
+
+
+def cmd_sweep(args) -> int:
+  from optax_localsgd import sweep
+  cfg = sweep.SweepConfig(
+      task=args.task, workers=args.workers, local_steps=args.local_steps,
+      batch_size=args.batch_size, rounds=args.rounds, min_rounds=args.min_rounds, eta=args.eta,
+      grid=args.grid, data_dir=args.data_dir)
+  path = pathlib.Path(args.out)
+  command = "optax-localsgd " + " ".join(args.argv)
+  for method in args.methods.split(","):
+    result = sweep.sweep_method(cfg, method, progress=not args.quiet)
+    sweep.update_file(path, cfg, method, result, command)
+    print(f"{method}: {json.dumps(result['best'])}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
       prog="optax-localsgd",
@@ -183,6 +255,53 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
   m.add_argument("--quiet", action="store_true")
   m.set_defaults(fn=cmd_meta_train)
+  e = sub.add_parser(
+      "evaluate", help="compare the learned optimizers with tuned baselines (Tables 2-3)",
+      description="Train every method on held-out seeds and write OUT/NAME.md (table), "
+      "OUT/NAME.json (per-seed metrics) and OUT/NAME.png (curves). Runs are cached in "
+      "CACHE/NAME/, so an interrupted evaluation resumes. Training loss = the global model's "
+      "loss on a fixed 10,000-example training subset.")
+  e.add_argument("--task", default="fmnist_mlp")
+  e.add_argument("--workers", "-K", type=int, default=8)
+  e.add_argument("--local-steps", "-H", type=int, default=4)
+  e.add_argument("--batch-size", "-B", type=int, default=128)
+  e.add_argument("--rounds", type=int, default=1000)
+  e.add_argument("--seeds", default="100-109", help="e.g. 100-109 or 100,101")
+  e.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam,lopt_a,lagg_a")
+  e.add_argument("--weights", action="append", metavar="METHOD=NAME_OR_PATH",
+                 help="weights of a learned method (default: the bundled "
+                 "METHOD/TASK_kK_hH when it exists)")
+  e.add_argument("--hparams", default=None,
+                 help="tuned-hyperparameter JSON (default: the one shipped with the package)")
+  e.add_argument("--hparams-key", default=None,
+                 help="entry to use, e.g. fmnist_mlp/K8/H4/B128 (default: this run's)")
+  e.add_argument("--target-loss", type=float, default=0.2)
+  e.add_argument("--eval-every", type=int, default=10)
+  e.add_argument("--eval-dense-until", type=int, default=300,
+                 help="evaluate after every round up to this one")
+  e.add_argument("--name", default=None, help="output name (default TASK_kK_hH)")
+  e.add_argument("--cache", default="runs/eval")
+  e.add_argument("--out", default="docs/results")
+  e.add_argument("--data-dir", default=None)
+  e.add_argument("--quiet", action="store_true")
+  e.set_defaults(fn=cmd_evaluate)
+  s = sub.add_parser(
+      "sweep", help="tune the baselines over the paper's grids (appendix D)",
+      description="Successive halving over the grids of optax_localsgd.sweep; the winners are "
+      "stored under TASK/KK/HH/BB in the JSON file --out.")
+  s.add_argument("--task", default="fmnist_mlp")
+  s.add_argument("--workers", "-K", type=int, default=8)
+  s.add_argument("--local-steps", "-H", type=int, default=4)
+  s.add_argument("--batch-size", "-B", type=int, default=128)
+  s.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam")
+  s.add_argument("--rounds", type=int, default=1000, help="the last rung's rounds")
+  s.add_argument("--min-rounds", type=int, default=37, help="the first rung's rounds")
+  s.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
+  s.add_argument("--grid", choices=("paper", "reduced"), default="paper")
+  s.add_argument("--out", default="src/optax_localsgd/tuned_hparams.json")
+  s.add_argument("--data-dir", default=None)
+  s.add_argument("--quiet", action="store_true")
+  s.set_defaults(fn=cmd_sweep)
   return ap
 
 

@@ -247,6 +247,37 @@ def _resolve(path_or_name: PathLike) -> pathlib.Path:
       f"To load a file, pass a pathlib.Path or a path ending in '.npz'.")
 
 
+def resolve(path_or_name: PathLike) -> pathlib.Path:
+  """The file behind a bundled name (see :func:`available`) or a path; ValueError if none."""
+  return _resolve(path_or_name)
+
+
+MANIFEST = "MANIFEST.json"
+
+
+def bundled_sha256(name: str) -> str:
+  """The published sha256 of bundled weights ``name``, from ``MANIFEST.json`` next to them.
+
+  Raises:
+    ValueError: ``name`` is not bundled, or the manifest has no entry for it.
+  """
+  path = _resolve(name)
+  root = path.parents[len(pathlib.PurePosixPath(name).parts) - 1]
+  manifest = root / MANIFEST
+  try:
+    entries = json.loads(manifest.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"Bundled weights {name!r}: cannot read {manifest} ({e}); the package "
+                     f"install is incomplete.") from None
+  if name not in entries or "sha256" not in entries[name]:
+    raise ValueError(f"Bundled weights {name!r} have no sha256 entry in {manifest}.")
+  return entries[name]["sha256"]
+
+
+def _is_bundled_name(path_or_name: PathLike) -> bool:
+  return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
+
+
 def file_sha256(path: PathLike) -> str:
   """Hex sha256 of the bytes of the file at ``path`` (what :func:`save` returns)."""
   with open(path, "rb") as f:
@@ -276,6 +307,24 @@ def save(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
   Raises:
     ValueError: wrong suffix, a shape that does not match the config, a non-floating array,
       or ``info`` that is not JSON-serializable.
+
+  Examples:
+    A round trip through a temporary folder:
+
+    >>> import pathlib, tempfile, jax
+    >>> from optax_localsgd import init_lopt_a, pretrained
+    >>> meta = init_lopt_a(jax.random.PRNGKey(0))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...   path = pathlib.Path(tmp) / "weights.npz"
+    ...   sha = pretrained.save(path, meta, {"note": "fresh weights"})
+    ...   loaded = pretrained.load(path, expected_sha256=sha)
+    ...   info = pretrained.metadata(path)["info"]
+    >>> len(sha), info
+    (64, {'note': 'fresh weights'})
+    >>> loaded.config == meta.config
+    True
+    >>> all(bool((loaded.mlp[n] == meta.mlp[n]).all()) for n in meta.mlp)
+    True
   """
   path = pathlib.Path(path)
   if path.suffix != ".npz":
@@ -377,14 +426,16 @@ def metadata(path_or_name: PathLike) -> dict:
   return meta
 
 
-def load(path_or_name: PathLike, *, expected_sha256: str | None = None) -> MetaParams:
+def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
+         num_workers: int | None = None) -> MetaParams:
   """Loads and verifies a weight file written by :func:`save`.
 
   Args:
     path_or_name: a path (``pathlib.Path``, or a ``str`` ending in ``.npz``) or a bundled
       name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
     expected_sha256: hex sha256 of the whole file as published; checked before anything in
-      the file is parsed.
+      the file is parsed. Bundled names are always checked against ``MANIFEST.json``.
+    num_workers: the K you will train with; LAgg-A weights built for another K are refused.
 
   Returns:
     :class:`MetaParams` with float32 arrays bit-identical to those saved and an equal config.
@@ -393,9 +444,12 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None) -> MetaP
     ValueError: naming the file and the problem: unknown name, unreadable / not an npz /
       pickled content, missing metadata, wrong format tag or version, missing or extra arrays,
       shapes or dtypes that do not match the config, ``arrays_sha256`` mismatch (corrupt or
-      modified), or whole-file sha256 different from ``expected_sha256``.
+      modified), whole-file sha256 different from ``expected_sha256`` or from the manifest,
+      or LAgg-A weights for a K other than ``num_workers``.
   """
   path = _resolve(path_or_name)
+  if expected_sha256 is None and _is_bundled_name(path_or_name):
+    expected_sha256 = bundled_sha256(path_or_name)
   if expected_sha256 is not None:
     actual = file_sha256(path)
     if actual != expected_sha256.strip().lower():
@@ -425,6 +479,11 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None) -> MetaP
   if stored != actual:
     raise ValueError(f"Weight file {path} is corrupt or modified: its arrays hash to "
                      f"{actual}, but its metadata records arrays_sha256={stored!r}.")
+  if (num_workers is not None and cfg.kind == "lagg_a"
+      and cfg.num_workers != num_workers):
+    raise ValueError(f"Weight file {path} holds LAgg-A weights for K={cfg.num_workers} "
+                     f"workers, but you asked for K={num_workers}: LAgg-A reads each worker's "
+                     f"delta, so its weights work only for the K they were trained with.")
   return MetaParams(
       mlp={n: jnp.asarray(arrays[f"mlp/{n}"]) for n in MLP_NAMES},
       decay_offsets=jnp.asarray(arrays["decay_offsets"]),

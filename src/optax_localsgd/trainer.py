@@ -39,6 +39,8 @@ class TrainConfig:
     server_lr, momentum: server hyperparameters (``None``: the optimizer's default).
     clip_norm, weight_decay: for the workers' SGD (paper 5.5.6); ``None`` / 0 disables.
     eval_every: rounds between evaluations of the global model (also the scan chunk).
+    eval_dense_until: evaluate after every round up to this round (rounds-to-target then has
+      one-round resolution where it matters), every ``eval_every`` rounds after it.
     eval_examples: size of the fixed training subset for the global loss.
     devices: devices to spread the workers over (1: vmap on one device).
     data_dir: where the dataset is (``None``: the loader's search paths).
@@ -56,6 +58,7 @@ class TrainConfig:
   clip_norm: float | None = None
   weight_decay: float = 0.0
   eval_every: int = 10
+  eval_dense_until: int = 0
   eval_examples: int = 10_000
   devices: int = 1
   data_dir: str | None = None
@@ -184,7 +187,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   last = record_eval(0)
   done = 0
   while done < cfg.rounds:
-    n_chunk = min(cfg.eval_every, cfg.rounds - done)
+    n_chunk = min(1 if done < cfg.eval_dense_until else cfg.eval_every, cfg.rounds - done)
     params, state, losses = run_chunk(params, state, done, jnp.arange(n_chunk))
     losses = np.asarray(jax.device_get(losses), np.float64)
     hist["rounds"].extend(range(done + 1, done + n_chunk + 1))

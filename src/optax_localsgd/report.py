@@ -1,0 +1,94 @@
+"""Markdown tables and PNG curves for the evaluation harness (``optax-localsgd evaluate``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from optax_localsgd import evaluation
+from optax_localsgd.plotting import pyplot
+
+
+def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = False) -> str:
+  mean, se, n = stat
+  if n == 0:
+    return "not reached" if count else "–"
+  s = f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
+  return s + (f" ({n}/{n_total})" if count and n < n_total else "")
+
+
+def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]],
+             command: str, png_name: str | None = None) -> str:
+  """The results page: setup, the command, the table, how to read it."""
+  n_seeds = len(cfg.seeds)
+  lines = [
+      f"# {cfg.task}, K = {cfg.workers}, H = {cfg.local_steps}, B = {cfg.batch_size}",
+      "",
+      f"{n_seeds} seeds ({', '.join(map(str, cfg.seeds))}), {cfg.rounds} communication rounds "
+      "per run. Reproduce with:",
+      "",
+      "```bash",
+      command,
+      "```",
+      "",
+      "| optimizer | speedup over local SGD | rounds to training loss "
+      f"{cfg.target_loss:g} | final training loss | test accuracy |",
+      "| --- | --- | --- | --- | --- |",
+  ]
+  for m in cfg.methods:
+    row = summary[m]
+    lines.append(
+        f"| {evaluation.LABELS[m]} | {_fmt(row['speedup'], n_seeds, 2, count=True)} | "
+        f"{_fmt(row['rounds_to_target'], n_seeds, 0, count=True)} | "
+        f"{_fmt(row['final_train_loss'], n_seeds, 4)} | {_fmt(row['test_accuracy'], n_seeds, 4)} |")
+  lines += [
+      "",
+      "Mean ± standard error over seeds; `(n/N)`: only n of the N seeds reached the loss, and "
+      "the mean is over those.",
+      "",
+      "*Training loss* is the global model's cross-entropy on a fixed subset of 10,000 training "
+      "examples (the same for every run), evaluated after every round up to round "
+      f"{cfg.eval_dense_until} and every {cfg.eval_every} rounds after that; it is not the "
+      "workers' local loss. *Speedup* (paper Table 2): per seed, the round at which local SGD "
+      "first reaches its lowest training loss divided by the round at which the optimizer first "
+      "reaches that loss. *Test accuracy*: the final global model on the full test split.",
+  ]
+  hp = {m: summary[m].get("hparams") for m in cfg.methods if summary[m].get("hparams")}
+  if hp:
+    lines += ["", "Hyperparameters:", ""]
+    lines += [f"- {evaluation.LABELS[m]}: `{json.dumps(v, sort_keys=True)}`" for m, v in hp.items()]
+  if png_name:
+    lines += ["", f"![training loss curves]({png_name})"]
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
+                path: pathlib.Path) -> None:
+  """Mean training loss over seeds (line) and its min-max band, per method, log-scale."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for m in cfg.methods:
+    hists = runs[m]
+    rounds = np.asarray(hists[0]["eval_rounds"])
+    losses = np.asarray([h["global_train_loss"] for h in hists if
+                         len(h["global_train_loss"]) == len(rounds)], np.float64)
+    mean = np.nanmean(losses, axis=0)
+    (line,) = ax.plot(rounds, mean, label=evaluation.LABELS[m], lw=1.5)
+    ax.fill_between(rounds, np.nanmin(losses, 0), np.nanmax(losses, 0), alpha=0.15,
+                    color=line.get_color(), lw=0)
+  ax.axhline(cfg.target_loss, color="grey", lw=0.8, ls=":")
+  ax.set_yscale("log")
+  ax.set_xlabel("communication round")
+  ax.set_ylabel("training loss (global model, fixed 10k subset)")
+  ax.set_title(f"{cfg.task}, K={cfg.workers}, H={cfg.local_steps}: mean over "
+               f"{len(cfg.seeds)} seeds, band = min-max")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

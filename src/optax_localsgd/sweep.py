@@ -1,0 +1,149 @@
+"""Hyperparameter sweeps of the baselines over the paper's grids (appendix D).
+
+The grids:
+
+* SGD and Adam (data-parallel): learning rate in :data:`LR_GRID`;
+* local SGD: the workers' learning rate gamma in :data:`GAMMA_GRID` (server: plain averaging);
+* SlowMo: gamma in :data:`GAMMA_GRID`, slow learning rate alpha = c / gamma with c in
+  :data:`LR_GRID`, momentum beta in :data:`BETA_GRID` (484 points);
+* DiLoCo (not in the paper; its own defaults are Nesterov 0.9 and outer lr 0.7): gamma in
+  :data:`GAMMA_GRID`, outer learning rate in :data:`DILOCO_LR_GRID`, momentum in
+  :data:`DILOCO_MOMENTUM_GRID`.
+
+The ``"reduced"`` grids keep every gamma and the paper's useful decades of alpha and beta, for
+machines where the full SlowMo grid is too slow; the JSON records which grid was used.
+
+Search: successive halving. Every candidate trains ``min_rounds`` rounds on :data:`SWEEP_SEED`;
+the best ``1/eta`` by the global model's training loss at the end (the paper tunes for training
+loss) go on for ``eta`` times more rounds, until a rung reaches ``rounds``. Diverged runs
+(non-finite loss) rank last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from optax_localsgd import trainer
+
+SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
+LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
+GAMMA_GRID = (1.0, 0.5, 0.3, 0.1)
+BETA_GRID = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+DILOCO_LR_GRID = (1.0, 0.7, 0.5, 0.3, 0.1)
+DILOCO_MOMENTUM_GRID = (0.9, 0.8)
+REDUCED = {"lr": (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3), "c": (1.0, 5e-1, 1e-1, 5e-2, 1e-2),
+           "beta": (0.95, 0.9, 0.8, 0.7, 0.5)}
+SWEPT = ("local_sgd", "slowmo", "diloco", "sgd", "adam")
+
+
+def grid(method: str, which: str = "paper") -> list[dict[str, float]]:
+  """Candidate hyperparameters (``local_lr`` / ``server_lr`` / ``momentum``) for ``method``."""
+  if which not in ("paper", "reduced"):
+    raise ValueError(f"grid must be 'paper' or 'reduced', got {which!r}.")
+  lrs = LR_GRID if which == "paper" else REDUCED["lr"]
+  cs = LR_GRID if which == "paper" else REDUCED["c"]
+  betas = BETA_GRID if which == "paper" else REDUCED["beta"]
+  if method in ("sgd", "adam"):
+    return [{"server_lr": a} for a in lrs]
+  if method == "local_sgd":
+    return [{"local_lr": g, "server_lr": 1.0} for g in GAMMA_GRID]
+  if method == "slowmo":
+    return [{"local_lr": g, "server_lr": c / g, "momentum": b}
+            for g, c, b in itertools.product(GAMMA_GRID, cs, betas)]
+  if method == "diloco":
+    return [{"local_lr": g, "server_lr": a, "momentum": b}
+            for g, a, b in itertools.product(GAMMA_GRID, DILOCO_LR_GRID, DILOCO_MOMENTUM_GRID)]
+  raise ValueError(f"No sweep grid for {method!r}; sweepable: {SWEPT}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """One sweep: task, (K, H, B), the final horizon and the halving schedule."""
+  task: str = "fmnist_mlp"
+  workers: int = 8
+  local_steps: int = 4
+  batch_size: int = 128
+  rounds: int = 1000
+  min_rounds: int = 37
+  eta: int = 3
+  grid: str = "paper"
+  eval_examples: int = 10_000
+  data_dir: str | None = None
+
+  def key(self) -> str:
+    """The entry name in the hyperparameter file, e.g. ``fmnist_mlp/K8/H4/B128``."""
+    return f"{self.task}/K{self.workers}/H{self.local_steps}/B{self.batch_size}"
+
+  def rungs(self) -> list[int]:
+    """Rounds of each halving rung, ending at ``rounds``."""
+    if self.min_rounds < 1 or self.eta < 2 or self.rounds < self.min_rounds:
+      raise ValueError("Need 1 <= min_rounds <= rounds and eta >= 2.")
+    r, out = self.min_rounds, []
+    while r < self.rounds:
+      out.append(r)
+      r *= self.eta
+    return out + [self.rounds]
+
+
+def _score(hist: Mapping[str, Any]) -> float:
+  loss = float(hist["global_train_loss"][-1])
+  return loss if math.isfinite(loss) else math.inf
+
+
+def sweep_method(cfg: SweepConfig, method: str, *, progress: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Successive halving over ``grid(method)``; returns the winner and every rung's scores."""
+  candidates = grid(method, cfg.grid)
+  rungs = []
+  for i, rounds in enumerate(cfg.rungs()):
+    scored = []
+    for hp in candidates:
+      tc = trainer.TrainConfig(
+          task=cfg.task, server=method, workers=cfg.workers, local_steps=cfg.local_steps,
+          batch_size=cfg.batch_size, rounds=rounds, seed=SWEEP_SEED,
+          local_lr=hp.get("local_lr", 0.1), server_lr=hp.get("server_lr"),
+          momentum=hp.get("momentum"), eval_every=max(1, rounds // 4),
+          eval_examples=cfg.eval_examples, data_dir=cfg.data_dir)
+      scored.append((_score(trainer.train(tc, progress=progress)), hp))
+    scored.sort(key=lambda t: t[0])
+    rungs.append({"rounds": rounds, "scores": [{"loss": s, **hp} for s, hp in scored]})
+    log(f"{method}: rung {i} ({rounds} rounds, {len(scored)} candidates) best "
+        f"{scored[0][0]:.4f} at {scored[0][1]}")
+    candidates = [hp for _, hp in scored[:max(1, math.ceil(len(scored) / cfg.eta))]]
+  return {"best": rungs[-1]["scores"][0], "rungs": rungs}
+
+
+def update_file(path: pathlib.Path, cfg: SweepConfig, method: str, result: Mapping[str, Any],
+                command: str) -> None:
+  """Stores one method's sweep result under ``cfg.key()`` in the JSON file at ``path``."""
+  data = json.loads(path.read_text()) if path.is_file() else {}
+  entry = data.setdefault(cfg.key(), {})
+  best = {k: v for k, v in result["best"].items() if k != "loss"}
+  entry[method] = {"hparams": best, "train_loss": result["best"]["loss"],
+                   "sweep": {"command": command, "seed": SWEEP_SEED, "grid": cfg.grid,
+                             "rungs": result["rungs"]}}
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+def tuned_hparams(key: str, path: pathlib.Path | None = None) -> dict[str, dict[str, float]]:
+  """Method -> best hyperparameters for ``key`` (e.g. ``fmnist_mlp/K8/H4/B128``).
+
+  Reads ``path`` or else the file shipped with the package (``tuned_hparams.json``).
+  """
+  if path is None:
+    path = pathlib.Path(__file__).with_name("tuned_hparams.json")
+  if not path.is_file():
+    raise ValueError(f"No hyperparameter file at {path}; run `optax-localsgd sweep`.")
+  data = json.loads(path.read_text())
+  if key not in data:
+    raise ValueError(f"{path} has no tuned hyperparameters for {key}; it has "
+                     f"{sorted(data) or 'none'}. Run `optax-localsgd sweep` for it.")
+  return {m: e["hparams"] for m, e in data[key].items()}
