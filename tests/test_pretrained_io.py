@@ -483,3 +483,55 @@ def test_checkpoint_overwrite_is_atomic(tmp_path, monkeypatch):
   save_checkpoint(path, {"a": jnp.ones(2)}, {"step": 2})
   tree, meta = load_checkpoint(path, {"a": jnp.zeros(2)}, {"step": 2})
   assert meta == {"step": 2} and np.array_equal(tree["a"], np.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundled weights: the manifest, K checks, and what ships.
+
+
+def _bundle(monkeypatch, tmp_path, meta, name="lopt_a/tiny_k8"):
+  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path])
+  path = tmp_path / f"{name}.npz"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  digest = pretrained.save(path, meta, INFO)
+  return path, digest
+
+
+def test_bundled_names_are_checked_against_the_manifest(monkeypatch, tmp_path, lopt_meta):
+  path, digest = _bundle(monkeypatch, tmp_path, lopt_meta)
+  with pytest.raises(ValueError, match="cannot read .*MANIFEST.json"):
+    pretrained.load("lopt_a/tiny_k8")
+  (tmp_path / "MANIFEST.json").write_text(json.dumps({"other": {"sha256": digest}}))
+  with pytest.raises(ValueError, match="no sha256 entry"):
+    pretrained.load("lopt_a/tiny_k8")
+  (tmp_path / "MANIFEST.json").write_text(json.dumps({"lopt_a/tiny_k8": {"sha256": digest}}))
+  assert pretrained.load("lopt_a/tiny_k8").config == lopt_meta.config
+  # Re-saved with other info: still a valid file, but not the published one.
+  pretrained.save(path, lopt_meta, {"note": "edited"})
+  with pytest.raises(ValueError, match="not the one published"):
+    pretrained.load("lopt_a/tiny_k8")
+  # A path is the user's own file: no manifest involved.
+  assert pretrained.load(path).config == lopt_meta.config
+
+
+def test_lagg_a_weights_refuse_another_k(tmp_path):
+  path = tmp_path / "lagg.npz"
+  pretrained.save(path, init_lagg_a(jax.random.PRNGKey(0), 8), INFO)
+  assert pretrained.load(path, num_workers=8).config.num_workers == 8
+  with pytest.raises(ValueError, match="LAgg-A weights for K=8 workers, but you asked for K=4"):
+    pretrained.load(path, num_workers=4)
+
+
+def test_every_shipped_weight_file_loads_and_has_a_model_card():
+  for name in pretrained.available():
+    meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
+    path = pretrained.resolve(name)
+    card = path.with_suffix(".md")
+    assert card.is_file(), f"{name} ships without a model card ({card})"
+    text = card.read_text()
+    assert pretrained.bundled_sha256(name) in text
+    info = pretrained.metadata(name)["info"]
+    assert info["command"] in text, "the card must give the exact meta-training command"
+    k = meta.config.num_workers
+    if k is not None:
+      assert f"_k{k}_" in name

@@ -124,7 +124,8 @@ def cmd_meta_train(args) -> int:
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
       checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)
   command = "optax-localsgd " + " ".join(args.argv)
-  res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+  res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
+                   stop_after=args.stop_after, export_partial=args.export_partial)
   summary = {"step": res["step"], "interrupted": res["interrupted"],
              "weights": str(res["weights"]) if res["weights"] else None,
              "last_meta_loss": res["log"]["meta_loss"][-1] if res["log"]["meta_loss"] else None}
@@ -198,9 +199,20 @@ def cmd_sweep(args) -> int:
   path = pathlib.Path(args.out)
   command = "optax-localsgd " + " ".join(args.argv)
   for method in args.methods.split(","):
-    result = sweep.sweep_method(cfg, method, progress=not args.quiet)
+    result = sweep.sweep_method(cfg, method)
     sweep.update_file(path, cfg, method, result, command)
     print(f"{method}: {json.dumps(result['best'])}")
+  return 0
+
+
+def cmd_publish(args) -> int:
+  from optax_localsgd import model_card
+  run = pathlib.Path(args.run)
+  card = model_card.publish(
+      run / "weights.npz", args.name, pathlib.Path(args.root), curve=run / "meta_loss.png",
+      results=pathlib.Path(args.results) if args.results else None,
+      notes=pathlib.Path(args.notes).read_text() if args.notes else "")
+  print(f"wrote {card}")
   return 0
 
 
@@ -253,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--data-dir", default=None)
   m.add_argument("--out", required=True, help="output directory")
   m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+  m.add_argument("--stop-after", type=int, default=None,
+                 help="stop (with a checkpoint) after this many outer steps of this call")
+  m.add_argument("--export-partial", action="store_true",
+                 help="write OUT/weights.npz even when stopping early (with --resume "
+                 "--stop-after 0: export the checkpoint as it is)")
   m.add_argument("--quiet", action="store_true")
   m.set_defaults(fn=cmd_meta_train)
   e = sub.add_parser(
@@ -302,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--data-dir", default=None)
   s.add_argument("--quiet", action="store_true")
   s.set_defaults(fn=cmd_sweep)
+  pub = sub.add_parser(
+      "publish", help="ship a meta-training run's weights under pretrained/ with a model card",
+      description="Copies RUN/weights.npz to ROOT/NAME.npz, records its sha256 in "
+      "ROOT/MANIFEST.json and writes the model card ROOT/NAME.md with RUN/meta_loss.png.")
+  pub.add_argument("run", help="meta-training output directory")
+  pub.add_argument("name", help="e.g. lopt_a/fmnist_mlp_k8_h4")
+  pub.add_argument("--root", default="pretrained")
+  pub.add_argument("--results", default=None, help="docs/results/NAME.md to include")
+  pub.add_argument("--notes", default=None, help="markdown file of notes for the card")
+  pub.set_defaults(fn=cmd_publish)
   return ap
 
 

@@ -16,7 +16,9 @@ machines where the full SlowMo grid is too slow; the JSON records which grid was
 Search: successive halving. Every candidate trains ``min_rounds`` rounds on :data:`SWEEP_SEED`;
 the best ``1/eta`` by the global model's training loss at the end (the paper tunes for training
 loss) go on for ``eta`` times more rounds, until a rung reaches ``rounds``. Diverged runs
-(non-finite loss) rank last.
+(non-finite loss) rank last. All candidates of a rung share the initialisation, the worker split
+and the minibatches (common random numbers), and run as one ``vmap`` over their
+hyperparameters, so a rung compiles once however many candidates it has.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from optax_localsgd import trainer
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_localsgd import baselines, data, engine, servers, tasks, trainer
 
 SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
@@ -91,27 +97,56 @@ class SweepConfig:
     return out + [self.rounds]
 
 
-def _score(hist: Mapping[str, Any]) -> float:
-  loss = float(hist["global_train_loss"][-1])
-  return loss if math.isfinite(loss) else math.inf
+def final_losses(cfg: SweepConfig, method: str, candidates: list[dict[str, float]],
+                 rounds: int) -> list[float]:
+  """Global training loss after ``rounds`` rounds for each candidate (one vmapped program)."""
+  task = tasks.get_task(cfg.task)
+  arrays = trainer.load_split(task, "train", cfg.data_dir)
+  dev_data = jax.device_put(engine.DeviceData(
+      arrays, data.split_homogeneous(trainer.num_items(task, arrays), cfg.workers, SWEEP_SEED)))
+  batches = trainer.eval_batches(task, arrays, cfg.eval_examples)
+  sizes = jnp.asarray([len(b["x"]) for b in batches], jnp.float32)
+  round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size)
+  batch_fn = trainer.batch_fn_for(task)
+  key = jax.random.PRNGKey(SWEEP_SEED)
+  hp_names = sorted(candidates[0])
+
+  def run(hp: dict[str, jax.Array]) -> jax.Array:
+    # Hyperparameters are traced values here, so every candidate shares one compilation.
+    server = servers.make_server(
+        method, num_workers=cfg.workers, local_learning_rate=hp.get("local_lr", 0.1),
+        server_learning_rate=hp.get("server_lr"), momentum=hp.get("momentum"))
+    if server.mode == "data_parallel":
+      round_fn = engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
+    else:
+      round_fn = engine.make_round_fn(task.loss, batch_fn,
+                                      baselines.worker_sgd(hp.get("local_lr", 0.1)),
+                                      server.tx, round_cfg)
+    params = task.init(jax.random.fold_in(key, 0))
+
+    def body(carry, i):
+      p, s = carry
+      p, s, _ = round_fn(p, s, jax.random.fold_in(jax.random.fold_in(key, 1), i), dev_data)
+      return (p, s), None
+
+    (params, _), _ = jax.lax.scan(body, (params, server.tx.init(params)), jnp.arange(rounds))
+    losses = jnp.stack([task.loss(params, b) for b in batches])
+    return (losses * sizes).sum() / sizes.sum()
+
+  stacked = {n: jnp.asarray([c[n] for c in candidates], jnp.float32) for n in hp_names}
+  out = np.asarray(jax.device_get(jax.jit(jax.vmap(run))(stacked)), np.float64)
+  return [float(v) if math.isfinite(v) else math.inf for v in out]
 
 
-def sweep_method(cfg: SweepConfig, method: str, *, progress: bool = False,
+def sweep_method(cfg: SweepConfig, method: str, *,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Successive halving over ``grid(method)``; returns the winner and every rung's scores."""
   candidates = grid(method, cfg.grid)
   rungs = []
   for i, rounds in enumerate(cfg.rungs()):
-    scored = []
-    for hp in candidates:
-      tc = trainer.TrainConfig(
-          task=cfg.task, server=method, workers=cfg.workers, local_steps=cfg.local_steps,
-          batch_size=cfg.batch_size, rounds=rounds, seed=SWEEP_SEED,
-          local_lr=hp.get("local_lr", 0.1), server_lr=hp.get("server_lr"),
-          momentum=hp.get("momentum"), eval_every=max(1, rounds // 4),
-          eval_examples=cfg.eval_examples, data_dir=cfg.data_dir)
-      scored.append((_score(trainer.train(tc, progress=progress)), hp))
-    scored.sort(key=lambda t: t[0])
+    losses = final_losses(cfg, method, candidates, rounds)
+    scored = sorted(zip(losses, range(len(candidates))), key=lambda t: t[0])
+    scored = [(loss, candidates[j]) for loss, j in scored]
     rungs.append({"rounds": rounds, "scores": [{"loss": s, **hp} for s, hp in scored]})
     log(f"{method}: rung {i} ({rounds} rounds, {len(scored)} candidates) best "
         f"{scored[0][0]:.4f} at {scored[0][1]}")

@@ -1,10 +1,12 @@
 """The meta-training loop: outer steps, progress, logs, atomic checkpoints, resume, weights file.
 
 ``meta_train(cfg, out_dir)`` writes into ``out_dir``:
-  * ``checkpoint.npz`` every ``checkpoint_every`` outer steps and on SIGINT/SIGTERM (atomic);
-  * ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts;
-  * ``meta_loss.png``: the meta-loss curve;
-  * ``weights.npz``: the meta-trained optimizer with its metadata (``pretrained.load`` reads it).
+
+* ``checkpoint.npz`` every ``checkpoint_every`` outer steps and on SIGINT/SIGTERM (atomic);
+* ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts;
+* ``meta_loss.png``: the meta-loss curve;
+* ``weights.npz``: the meta-trained optimizer with its metadata (``pretrained.load`` reads it).
+
 With ``resume=True`` it continues from ``checkpoint.npz`` exactly where it stopped.
 """
 
@@ -139,7 +141,7 @@ class _StopFlag:
 
 def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
                progress: bool = True, command: str | None = None,
-               stop_after: int | None = None) -> dict[str, Any]:
+               stop_after: int | None = None, export_partial: bool = False) -> dict[str, Any]:
   """Meta-train (or resume) and write the outputs described in the module docstring.
 
   Args:
@@ -150,7 +152,10 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
     progress: draw a progress bar.
     command: the command line to record in the weights' metadata.
     stop_after: stop (with a checkpoint) after this many outer steps in this call, as an
-      interruption would; ``None`` runs to ``cfg.pes.outer_steps``.
+      interruption would; ``None`` runs to ``cfg.pes.outer_steps``; 0 runs none (with
+      ``resume`` and ``export_partial``: export the checkpoint as it is).
+    export_partial: also write ``weights.npz`` when stopping before ``cfg.pes.outer_steps``;
+      its metadata then records the steps done and the steps the schedule planned.
 
   Returns:
     ``{"log": ..., "weights": path or None, "step": int, "interrupted": bool}``.
@@ -159,8 +164,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   out.mkdir(parents=True, exist_ok=True)
   ck_path = out / "checkpoint.npz"
   groups, datas, state = _setup(cfg)
-  log = {"config": cfg.identity(), "step": [], "meta_loss": [], "lr": [], "grad_norm": [],
-         "nonfinite_pairs": [], "wall_s": []}
+  log = {"config": cfg.identity(), "command": command or " ".join(sys.argv), "step": [],
+         "meta_loss": [], "lr": [], "grad_norm": [], "nonfinite_pairs": [], "wall_s": []}
   if resume:
     if not ck_path.exists():
       raise ValueError(f"--resume: no checkpoint at {ck_path}.")
@@ -182,7 +187,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   interrupted = False
   t_prev = time.perf_counter()
   with _StopFlag() as stop:
-    while int(state.step) < total:
+    while int(state.step) < total and not (stop_after is not None and stop_after <= 0):
       state, m = outer_step(state, datas)
       m = jax.device_get(m)
       now = time.perf_counter()
@@ -212,19 +217,21 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   (out / "log.json").write_text(json.dumps(log) + "\n")
   _plot(log, out / "meta_loss.png", cfg)
   weights = None
-  if int(state.step) >= total:
+  if int(state.step) >= total or export_partial:
     weights = out / "weights.npz"
     final = [x for x in log["meta_loss"][-50:] if math.isfinite(x)]
     pretrained.save(weights, jax.device_get(state.theta), {
         "optimizer": cfg.optimizer, "K": cfg.workers, "H": cfg.local_steps,
         "batch_size": cfg.batch_size, "local_lr": cfg.local_lr, "tasks": list(cfg.tasks),
-        "outer_steps": int(state.step), "pes": dataclasses.asdict(cfg.pes),
+        "outer_steps": int(state.step), "outer_steps_planned": total,
+        "pes": dataclasses.asdict(cfg.pes),
         "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
         "final_meta_loss_mean_last_50": float(np.mean(final)) if final else None,
         "nonfinite_pairs": int(state.nonfinite_pairs),
         "nonfinite_grads": int(state.nonfinite_grads),
         "package_version": _version.__version__,
-        "command": command or " ".join(sys.argv)})
+        # The command that started the run (a resumed or exported run keeps it).
+        "command": log.get("command") or command or " ".join(sys.argv)})
   return {"log": log, "weights": weights, "step": int(state.step), "interrupted": interrupted}
 
 

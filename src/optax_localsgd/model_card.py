@@ -1,0 +1,118 @@
+"""Publishing meta-trained weights into ``pretrained/``: the file, its manifest entry and its
+model card (``optax-localsgd publish``).
+
+A card says what the weights are for (task, K, H, B), how they were made (the recipe next to
+the paper's, the exact command, the meta-loss curve), how they do (the evaluation table, when
+one exists) and how to check them (sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from optax_localsgd import pretrained
+
+KIND_LABELS = {"lopt_a": "LOpt-A", "lagg_a": "LAgg-A"}
+# SPEC section 5 / paper appendix B.
+PAPER_RECIPE = {"outer_steps": 5000, "tasks_per_estimate": 8, "truncation": 50,
+                "min_inner": 100, "max_inner": 1000, "sigma": None, "lr_peak": 3e-3,
+                "lr_end": 1e-3, "warmup_steps": 100}
+
+
+def _recipe_rows(info: Mapping[str, Any]) -> list[str]:
+  pes = info.get("pes", {})
+  ours = {"outer_steps": info.get("outer_steps"),
+          "tasks_per_estimate": info.get("tasks_per_estimate"), **pes}
+  rows = ["| setting | these weights | paper |", "| --- | --- | --- |"]
+  for key, paper in PAPER_RECIPE.items():
+    mine = ours.get(key)
+    if key == "outer_steps" and info.get("outer_steps_planned") not in (None, mine):
+      mine = f"{mine} (of a {info['outer_steps_planned']}-step schedule)"
+    rows.append(f"| {key} | {mine} | {'not stated' if paper is None else paper} |")
+  return rows
+
+
+def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | None,
+              results_md: str | None, notes: str = "") -> str:
+  """The markdown model card of weights ``name`` with metadata ``meta``."""
+  info = meta.get("info", {})
+  cfg = meta["config"]
+  reduced = any(info.get(k) != v for k, v in (("outer_steps", 5000), ("tasks_per_estimate", 8)))
+  lines = [
+      f"# `{name}`",
+      "",
+      f"{KIND_LABELS[cfg['kind']]} server optimizer, meta-trained on `{', '.join(info.get('tasks', []))}` with "
+      f"K = {info.get('K')} workers, H = {info.get('H')} local steps, B = "
+      f"{info.get('batch_size')} examples per worker and step, workers' SGD learning rate "
+      f"{info.get('local_lr')}.",
+      "",
+      "```python",
+      "import optax_localsgd as ol",
+      f"meta = ol.pretrained.load(\"{name}\")  # checks the sha256 below",
+      ("server = ol.lopt_a(meta)" if cfg["kind"] == "lopt_a"
+       else f"server = ol.lagg_a(meta, {cfg.get('num_workers')})"),
+      "```",
+      "",
+      f"- file sha256: `{sha256}`",
+      f"- feature set `{cfg.get('feature_set')}`, hidden size {cfg.get('hidden_size')}, "
+      f"sign convention `{cfg.get('sign_convention')}`",
+      f"- package version at meta-training: {info.get('package_version')}",
+      "",
+      "## Recipe",
+      "",
+  ]
+  if reduced:
+    lines += ["**Reduced recipe.** These weights were meta-trained on a 2-core CPU, not with the "
+              "paper's recipe (which needs a GPU: about 70 s per outer step on that CPU, "
+              "see `benchmarks/results/`). The evaluation below shows what that costs.", ""]
+  lines += _recipe_rows(info)
+  lines += ["", "Meta-trained with:", "", "```bash", info.get("command", "(not recorded)"),
+            "```", ""]
+  lines += [f"Final meta-loss (mean of the last 50 outer steps): "
+            f"{info.get('final_meta_loss_mean_last_50')}; non-finite PES pairs ignored: "
+            f"{info.get('nonfinite_pairs')}.", ""]
+  if curve:
+    lines += [f"![meta-loss curve]({curve})", ""]
+  lines += ["## Evaluation", ""]
+  lines += [results_md.strip() if results_md else
+            "Not evaluated yet: run `optax-localsgd evaluate` (see docs/results/)."]
+  if notes:
+    lines += ["", "## Notes", "", notes.strip()]
+  return "\n".join(lines) + "\n"
+
+
+def publish(weights: pathlib.Path, name: str, root: pathlib.Path, *,
+            curve: pathlib.Path | None = None, results: pathlib.Path | None = None,
+            notes: str = "") -> pathlib.Path:
+  """Copies ``weights`` to ``root/name.npz``, records its sha256 in ``root/MANIFEST.json``
+  and writes the card ``root/name.md`` (plus the meta-loss PNG next to it). Returns the card."""
+  pretrained.load(weights)  # refuse a corrupt file before publishing it
+  meta = pretrained.metadata(weights)
+  dest = root / f"{name}.npz"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  if weights.resolve() != dest.resolve():
+    shutil.copyfile(weights, dest)
+  sha = pretrained.file_sha256(dest)
+  manifest_path = root / pretrained.MANIFEST
+  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+  manifest[name] = {"sha256": sha}
+  manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+  curve_name = None
+  if curve is not None and curve.is_file():
+    curve_dest = dest.with_name(dest.stem + "_meta_loss.png")
+    if curve.resolve() != curve_dest.resolve():
+      shutil.copyfile(curve, curve_dest)
+    curve_name = curve_dest.name
+  results_md = results.read_text() if results is not None else None
+  if results_md:  # drop the page's title and its image (the card travels without docs/)
+    results_md = "\n".join(line for line in results_md.splitlines()
+                           if not line.startswith(("# ", "![")))
+    results_md += f"\n\nFrom `docs/results/{results.name}` (curves in the PNG next to it)."
+  card = dest.with_suffix(".md")
+  card.write_text(card_text(name, meta, sha, curve=curve_name, results_md=results_md,
+                            notes=notes))
+  return card
