@@ -28,13 +28,35 @@ def worker_sgd(learning_rate: float, clip_norm: float | None = None,
 
 
 def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientTransformation:
-  """DiLoCo's outer optimizer: Nesterov SGD on the mean delta (defaults from the DiLoCo paper)."""
+  """DiLoCo's outer optimizer: Nesterov SGD on the mean delta (defaults from the DiLoCo paper).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_localsgd import baselines
+    >>> server = baselines.diloco()  # optax.sgd(0.7, momentum=0.9, nesterov=True)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new
+    >>> updates, state = server.update(mean_delta, server.init(params), params)
+    >>> [round(float(u), 3) for u in updates["w"]]  # first Nesterov step: -0.7 * 1.9 * delta
+    [-1.33, 2.66]
+  """
   return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
 
 
 def fedadam(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
             eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedAdam server optimizer: ``optax.adam`` on the mean delta (Reddi et al., 2020)."""
+  """FedAdam server optimizer: ``optax.adam`` on the mean delta (Reddi et al., 2020).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_localsgd import baselines
+    >>> server = baselines.fedadam(learning_rate=0.1)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new, like a gradient
+    >>> updates, state = server.update(mean_delta, server.init(params), params)
+    >>> [round(float(u), 3) for u in updates["w"]]  # Adam's first step: about -lr * sign
+    [-0.1, 0.1]
+  """
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 

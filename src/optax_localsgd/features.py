@@ -27,7 +27,13 @@ _FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
 def num_features(num_delta_channels: int) -> int:
-  """Input size of the MLP: 39 for LOpt-A (one delta channel), 38 + K for LAgg-A."""
+  """Input size of the MLP: 39 for LOpt-A (one delta channel), 38 + K for LAgg-A.
+
+  Examples:
+    >>> from optax_localsgd.features import num_features
+    >>> num_features(1), num_features(8)  # LOpt-A; LAgg-A with K = 8
+    (39, 46)
+  """
   return NUM_ACCUMULATOR_FEATURES + num_delta_channels + NUM_TIME_FEATURES
 
 
@@ -54,6 +60,13 @@ def factor_spec(shape: tuple[int, ...]) -> FactorSpec:
   Rank 0 is seen as ``(1, 1)`` and rank 1 ``(n,)`` as ``(n, 1)``, which makes the factored
   second moment equal the full one. For rank >= 2 the two largest axes are factored, ties going
   to the later axis (so conv kernels ``(h, w, in, out)`` factor ``in`` and ``out``).
+
+  Examples:
+    >>> from optax_localsgd.features import factor_spec
+    >>> factor_spec((3, 3, 64, 64))  # a conv kernel: factors "in" and "out"
+    FactorSpec(view_shape=(3, 3, 64, 64), row_axis=2, col_axis=3)
+    >>> factor_spec((10,))  # a bias is seen as a (10, 1) matrix
+    FactorSpec(view_shape=(10, 1), row_axis=0, col_axis=1)
   """
   shape = tuple(int(s) for s in shape)
   if len(shape) == 0:

@@ -145,6 +145,15 @@ def init_lopt_a(key: jax.Array, **config_overrides) -> MetaParams:
 
   Returns:
     :class:`MetaParams` with 2402 MLP weights (39 inputs, 32, 32, 2) and 7 decay offsets.
+
+  Examples:
+    >>> import jax
+    >>> from optax_localsgd import init_lopt_a
+    >>> meta = init_lopt_a(jax.random.PRNGKey(0))
+    >>> meta.config.kind, meta.config.num_inputs, meta.num_mlp_params()
+    ('lopt_a', 39, 2402)
+    >>> [round(float(b), 3) for b in meta.decays()]  # offsets start at 0
+    [0.9, 0.99, 0.999, 0.999, 0.9, 0.99, 0.999]
   """
   return _init(key, LearnedOptimizerConfig(kind="lopt_a", **config_overrides))
 
@@ -159,6 +168,15 @@ def init_lagg_a(key: jax.Array, k: int, **config_overrides) -> MetaParams:
 
   Returns:
     :class:`MetaParams` with 2626 / 2882 / 3394 MLP weights for K = 8 / 16 / 32.
+
+  Examples:
+    >>> import jax
+    >>> from optax_localsgd import init_lagg_a
+    >>> meta = init_lagg_a(jax.random.PRNGKey(0), k=8)
+    >>> meta.config.num_workers, meta.config.num_inputs, meta.num_mlp_params()
+    (8, 46, 2626)
+    >>> {name: w.shape for name, w in meta.mlp.items()}
+    {'w0': (46, 32), 'b0': (32,), 'w1': (32, 32), 'b1': (32,), 'w2': (32, 2), 'b2': (2,)}
   """
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
     raise ValueError(f"init_lagg_a needs an integer k >= 1 (number of workers), got {k!r}.")

@@ -91,7 +91,7 @@ class SweepConfig:
     if self.min_rounds < 1 or self.eta < 2 or self.rounds < self.min_rounds:
       raise ValueError("Need 1 <= min_rounds <= rounds and eta >= 2.")
     r, out = self.min_rounds, []
-    while r < self.rounds:
+    while r * self.eta <= self.rounds:
       out.append(r)
       r *= self.eta
     return out + [self.rounds]

@@ -52,6 +52,19 @@ def local_sgd(learning_rate: float = 1.0) -> optax.GradientTransformationExtraAr
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
+
+  Examples:
+    Two workers ended a round at ``new``; averaging moves the global weights to their mean:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_localsgd import local_sgd
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> new = {"w": jnp.array([[0.0, 2.0], [1.0, 4.0]])}  # K = 2 workers' weights
+    >>> delta = jax.tree.map(lambda old, w: old - w.mean(0), params, new)  # old - new
+    >>> server = local_sgd()  # learning_rate=1: plain averaging
+    >>> updates, state = server.update(delta, server.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [0.5, 3.0]
   """
 
   def init_fn(params):
@@ -93,8 +106,27 @@ def slowmo(slow_learning_rate: float, momentum: float,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
+
+  Examples:
+    The same delta twice: the buffer ``u`` (gradient units) builds up momentum.
+
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_localsgd import slowmo
+    >>> server = slowmo(slow_learning_rate=1.0, momentum=0.5, local_learning_rate=0.5)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = server.init(params)
+    >>> delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new
+    >>> for _ in range(2):
+    ...   updates, state = server.update(delta, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print(updates["w"].tolist())
+    [-1.0, 2.0]
+    [-1.5, 3.0]
+    >>> state.momentum["w"].tolist()  # u = 0.5 * (delta / 0.5) + delta / 0.5
+    [3.0, -6.0]
   """
-  if local_learning_rate <= 0:
+  # Checked only for Python numbers: sweeps pass traced values to vmap over candidates.
+  if isinstance(local_learning_rate, (int, float)) and local_learning_rate <= 0:
     raise ValueError(f"slowmo needs local_learning_rate > 0, got {local_learning_rate}.")
 
   def init_fn(params):

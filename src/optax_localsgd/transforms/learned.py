@@ -98,6 +98,22 @@ def lopt_a(meta_params: MetaParams,
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
     State memory: 4 float32 copies of the params plus sub-linear factored statistics.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_localsgd import init_lopt_a, lopt_a
+    >>> server = lopt_a(init_lopt_a(jax.random.PRNGKey(0)))  # fresh, not meta-trained
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> state = server.init(params)
+    >>> delta = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)  # W_old - W_new
+    >>> updates, state = jax.jit(server.update)(delta, state, params)  # params: required
+    >>> jax.tree.map(jnp.shape, updates)
+    {'b': (3,), 'w': (4, 3)}
+    >>> int(state.count)
+    1
+    >>> bool(jnp.abs(updates["w"]).max() < 1e-3)  # fresh weights take tiny steps
+    True
+    >>> params = optax.apply_updates(params, updates)
   """
   _check_meta(meta_params, "lopt_a")
   if meta_params.config.kind != "lopt_a":
@@ -123,6 +139,20 @@ def lagg_a(meta_params: MetaParams, k: int,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_localsgd import init_lagg_a, lagg_a
+    >>> k = 4
+    >>> server = lagg_a(init_lagg_a(jax.random.PRNGKey(1), k), k)
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> worker_deltas = jax.tree.map(  # worker j's W_old - W_new at index j
+    ...     lambda p: 0.01 * jax.random.normal(jax.random.PRNGKey(2), (k,) + p.shape), params)
+    >>> jax.tree.map(jnp.shape, worker_deltas)
+    {'b': (4, 3), 'w': (4, 4, 3)}
+    >>> updates, state = jax.jit(server.update)(worker_deltas, server.init(params), params)
+    >>> jax.tree.map(jnp.shape, updates)  # one update per parameter
+    {'b': (3,), 'w': (4, 3)}
   """
   _check_meta(meta_params, "lagg_a")
   cfg = meta_params.config
