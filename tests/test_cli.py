@@ -26,10 +26,32 @@ def test_train_writes_json_log_and_png(tmp_path):
 
 
 def test_demo_prints_a_comparison_table(tmp_path):
+  from optax_localsgd import pretrained
   r = _cli("demo", "--rounds", "4", "--eval-every", "2", "--out", str(tmp_path), "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout
+  if "lopt_a/fmnist_mlp_k8_h4" in pretrained.available():
+    assert "| LOpt-A (lopt_a/fmnist_mlp_k8_h4) |" in r.stdout
   assert (tmp_path / "demo.png").exists()
+
+
+def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
+  import jax
+  from optax_localsgd import init_lagg_a, pretrained
+  from optax_localsgd.model_card import publish
+  run = tmp_path / "run"
+  run.mkdir()
+  pretrained.save(run / "weights.npz", init_lagg_a(jax.random.PRNGKey(0), 8),
+                  {"local_lr": 0.25, "command": "optax-localsgd meta-train ..."})
+  publish(run / "weights.npz", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
+  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path / "bundle"])
+  label, kw, meta = [r for r in cli.demo_runs() if r[1]["server"] == "lagg_a"][0]
+  assert label == "LAgg-A (lagg_a/fmnist_mlp_k8_h4)" and kw["local_lr"] == 0.25
+  assert meta.config.num_workers == 8
+  # train: the bundled default for this task/K/H, and a clear error for another K.
+  assert cli._learned_weights("lagg_a", "fmnist_mlp", 8, 4, None)[1] == "lagg_a/fmnist_mlp_k8_h4"
+  with pytest.raises(ValueError, match="for K=8 workers, but you asked for K=4"):
+    cli._learned_weights("lagg_a", "fmnist_mlp", 4, 4, str(run / "weights.npz"))
 
 
 @pytest.mark.parametrize("args, msg", [

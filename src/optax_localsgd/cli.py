@@ -43,6 +43,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--weight-decay", type=float, default=0.0, help="workers' weight decay")
   p.add_argument("--eval-every", type=int, default=d.eval_every,
                  help="rounds between evaluations of the global model")
+  p.add_argument("--weights", default=None,
+                 help="lopt_a / lagg_a weights: a bundled name (optax_localsgd.pretrained."
+                 "available()) or a .npz path; default: the bundled SERVER/TASK_kK_hH if it "
+                 "exists, else fresh, un-meta-trained weights")
   p.add_argument("--devices", type=int, default=1,
                  help="spread the workers over this many devices (must divide K)")
   p.add_argument("--data-dir", default=None,
@@ -68,13 +72,24 @@ def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: s
   print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}", file=sys.stderr)
 
 
+def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None):
+  """(MetaParams or None, description) for a learned server; None for the others."""
+  from optax_localsgd import pretrained
+  if server not in ("lopt_a", "lagg_a"):
+    return None, None
+  name = weights or _default_weights([server], task, k, h).get(server)
+  if name is None:
+    print(f"note: {server} runs with fresh, un-meta-trained weights (no bundled "
+          f"{server}/{task}_k{k}_h{h}; pass --weights).", file=sys.stderr)
+    return None, None
+  return pretrained.load(name, num_workers=k), name
+
+
 def cmd_train(args) -> int:
   from optax_localsgd import trainer
   cfg = _config(args)
-  if cfg.server in ("lopt_a", "lagg_a"):
-    print(f"note: {cfg.server} runs with fresh, un-meta-trained weights (pretrained weights "
-          "are not shipped yet).", file=sys.stderr)
-  hist = trainer.train(cfg, progress=not args.quiet)
+  meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights)
+  hist = trainer.train(cfg, meta_params=meta, progress=not args.quiet)
   _write_outputs(pathlib.Path(args.out), "metrics", [hist],
                  f"{cfg.task}: {cfg.server}, K={cfg.workers}, H={cfg.local_steps}")
   print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
@@ -82,14 +97,27 @@ def cmd_train(args) -> int:
   return 0
 
 
+def demo_runs() -> list[tuple[str, dict, object]]:
+  """(label, TrainConfig overrides, meta-params) of the demo: the baselines with the paper's
+  tuned values, then every bundled learned optimizer for this setting."""
+  from optax_localsgd import pretrained
+  from optax_localsgd.evaluation import LABELS
+  runs = [(label, kw, None) for label, kw in DEMO_RUNS]
+  for server, name in sorted(_default_weights(("lopt_a", "lagg_a"), "fmnist_mlp", 8, 4).items()):
+    local_lr = pretrained.metadata(name)["info"].get("local_lr", 0.3)
+    runs.append((f"{LABELS[server]} ({name})",
+                 dict(server=server, local_lr=local_lr), pretrained.load(name, num_workers=8)))
+  return runs
+
+
 def cmd_demo(args) -> int:
   from optax_localsgd import trainer
   histories = []
-  for label, kw in DEMO_RUNS:
+  for label, kw, meta in demo_runs():
     cfg = trainer.TrainConfig(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128,
                               rounds=args.rounds, seed=args.seed, eval_every=args.eval_every,
                               data_dir=args.data_dir, **kw)
-    histories.append(trainer.train(cfg, progress=not args.quiet, label=label))
+    histories.append(trainer.train(cfg, meta_params=meta, progress=not args.quiet, label=label))
   print(demo_table(histories, args.rounds))
   _write_outputs(pathlib.Path(args.out), "demo", histories,
                  "Fashion-MNIST 2-layer MLP, K=8 workers, H=4 local steps")
@@ -230,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.set_defaults(fn=cmd_train)
   d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
                      description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128, with the paper's "
-                     "tuned hyperparameters; prints a comparison table and writes "
+                     "tuned hyperparameters, against every bundled learned optimizer for this setting; "
+                     "prints a comparison table and writes "
                      "OUT/demo.json and OUT/demo.png.")
   d.add_argument("--rounds", type=int, default=150)
   d.add_argument("--eval-every", type=int, default=10)
