@@ -361,29 +361,12 @@ def train(args: argparse.Namespace) -> int:
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)
 
 
-def make_chunk_fn(round_fn):
-  """``chunk(params, state, key, first_round, rounds, data) -> (params, state, losses)``.
-
-  Scans the rounds ``first_round + rounds`` (an int array) in one compiled program; round r
-  uses ``fold_in(key, r)``, so the numbers do not depend on where a run was cut and resumed.
-  """
-  @jax.jit
-  def chunk(params, state, key, first_round, rounds, dev_data):
-    def body(carry, i):
-      p, s = carry
-      p, s, m = round_fn(p, s, jax.random.fold_in(key, first_round + i), dev_data)
-      return (p, s), m["train_loss"]
-    (params, state), losses = jax.lax.scan(body, (params, state), rounds)
-    return params, state, losses
-  return chunk
-
-
 def loop(args: argparse.Namespace, round_fn, dev_data, state, done: int, key,
          evaluate, log: dict) -> int:
   """Run rounds ``done..args.rounds`` with evals, checkpoints and signal handling."""
   out, ck_path = args.out, args.out / CHECKPOINT
   out.mkdir(parents=True, exist_ok=True)
-  chunk = make_chunk_fn(round_fn)
+  chunk = jax.jit(engine.make_multi_round_fn(round_fn))
   params, server_state = state
   t_start, wall_before = time.perf_counter(), log["wall_s"]
 

@@ -93,7 +93,7 @@ def test_sweep_and_evaluate_end_to_end_resume_from_cache(tmp_path, capsys):
   weights = tmp_path / "lopt.npz"
   ol.pretrained.save(weights, ol.init_lopt_a(jax.random.PRNGKey(0)), {"local_lr": 0.2})
   common = ["-K", "2", "-H", "1", "-B", "8"]
-  assert cli.main(["sweep", *common, "--rounds", "2", "--min-rounds", "1", "--eta", "4",
+  assert cli.main(["sweep", *common, "--rounds", "2", "--min-rounds", "1", "--eta", "2",
                    "--grid", "reduced", "--methods", "local_sgd,sgd", "--out", str(hp),
                    "--quiet"]) == 0
   stored = json.loads(hp.read_text())["fmnist_mlp/K2/H1/B8"]

@@ -244,6 +244,15 @@ def cmd_publish(args) -> int:
   return 0
 
 
+def _add_setting_args(p: argparse.ArgumentParser) -> None:
+  """The setting an evaluation or a sweep is for: task, K, H, B."""
+  p.add_argument("--task", default="fmnist_mlp", help="task name (default fmnist_mlp)")
+  p.add_argument("--workers", "-K", type=int, default=8, help="number of workers K")
+  p.add_argument("--local-steps", "-H", type=int, default=4, help="local steps per round H")
+  p.add_argument("--batch-size", "-B", type=int, default=128,
+                 help="examples per worker per local step")
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
       prog="optax-localsgd",
@@ -307,10 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
       "OUT/NAME.json (per-seed metrics) and OUT/NAME.png (curves). Runs are cached in "
       "CACHE/NAME/, so an interrupted evaluation resumes. Training loss = the global model's "
       "loss on a fixed 10,000-example training subset.")
-  e.add_argument("--task", default="fmnist_mlp")
-  e.add_argument("--workers", "-K", type=int, default=8)
-  e.add_argument("--local-steps", "-H", type=int, default=4)
-  e.add_argument("--batch-size", "-B", type=int, default=128)
+  _add_setting_args(e)
   e.add_argument("--rounds", type=int, default=1000)
   e.add_argument("--seeds", default="100-109", help="e.g. 100-109 or 100,101")
   e.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam,lopt_a,lagg_a")
@@ -335,10 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
       description="Successive halving over the grids of optax_localsgd.sweep; the winners are "
       "stored under TASK/KK/HH/BB in the JSON file --out.")
-  s.add_argument("--task", default="fmnist_mlp")
-  s.add_argument("--workers", "-K", type=int, default=8)
-  s.add_argument("--local-steps", "-H", type=int, default=4)
-  s.add_argument("--batch-size", "-B", type=int, default=128)
+  _add_setting_args(s)
   s.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam")
   s.add_argument("--rounds", type=int, default=1000, help="the last rung's rounds")
   s.add_argument("--min-rounds", type=int, default=37, help="the first rung's rounds")

@@ -229,6 +229,24 @@ def make_data_parallel_round_fn(loss_fn: LossFn, batch_fn: BatchFn,
   return round_fn
 
 
+def make_multi_round_fn(round_fn: Callable) -> Callable:
+  """Many rounds in one program: ``(params, state, key, first_round, rounds, data) ->
+  (params, state, per-round mean local losses)``, to ``jax.jit``.
+
+  ``rounds`` is an int array (``jnp.arange(n)``); round ``first_round + i`` uses
+  ``fold_in(key, first_round + i)``, so a run cut into chunks, or stopped and resumed, gives
+  the same numbers as one long call.
+  """
+  def run(params, state, key, first_round, rounds, data):
+    def body(carry, i):
+      p, s = carry
+      p, s, m = round_fn(p, s, jax.random.fold_in(key, first_round + i), data)
+      return (p, s), m["train_loss"]
+    (params, state), losses = jax.lax.scan(body, (params, state), rounds)
+    return params, state, losses
+  return run
+
+
 def worker_mesh(devices=None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: all devices of all processes), axis ``"workers"``."""
   devices = jax.devices() if devices is None else list(devices)

@@ -124,12 +124,9 @@ def final_losses(cfg: SweepConfig, method: str, candidates: list[dict[str, float
                                       server.tx, round_cfg)
     params = task.init(jax.random.fold_in(key, 0))
 
-    def body(carry, i):
-      p, s = carry
-      p, s, _ = round_fn(p, s, jax.random.fold_in(jax.random.fold_in(key, 1), i), dev_data)
-      return (p, s), None
-
-    (params, _), _ = jax.lax.scan(body, (params, server.tx.init(params)), jnp.arange(rounds))
+    params, _, _ = engine.make_multi_round_fn(round_fn)(
+        params, server.tx.init(params), jax.random.fold_in(key, 1), 0, jnp.arange(rounds),
+        dev_data)
     losses = jnp.stack([task.loss(params, b) for b in batches])
     return (losses * sizes).sum() / sizes.sum()
 

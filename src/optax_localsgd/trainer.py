@@ -161,14 +161,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     dev_data = jax.device_put(dev_data)
   round_key = jax.random.fold_in(key, 1)
 
-  @jax.jit
-  def run_chunk(params, state, first_round, n_rounds_mask):
-    def body(carry, i):
-      p, s = carry
-      p, s, m = round_fn(p, s, jax.random.fold_in(round_key, first_round + i), dev_data)
-      return (p, s), m["train_loss"]
-    (params, state), losses = jax.lax.scan(body, (params, state), n_rounds_mask)
-    return params, state, losses
+  run_chunk = jax.jit(engine.make_multi_round_fn(round_fn))
 
   evaluate = make_evaluator(task, eval_batches(task, train_arrays, cfg.eval_examples))
   hist = {"config": dataclasses.asdict(cfg), "label": label or cfg.server, "rounds": [],
@@ -188,7 +181,8 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   done = 0
   while done < cfg.rounds:
     n_chunk = min(1 if done < cfg.eval_dense_until else cfg.eval_every, cfg.rounds - done)
-    params, state, losses = run_chunk(params, state, done, jnp.arange(n_chunk))
+    params, state, losses = run_chunk(params, state, round_key, done, jnp.arange(n_chunk),
+                                        dev_data)
     losses = np.asarray(jax.device_get(losses), np.float64)
     hist["rounds"].extend(range(done + 1, done + n_chunk + 1))
     hist["train_loss"].extend(losses.tolist())
