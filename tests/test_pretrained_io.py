@@ -523,6 +523,8 @@ def test_lagg_a_weights_refuse_another_k(tmp_path):
 
 
 def test_every_shipped_weight_file_loads_and_has_a_model_card():
+  # CI installs the wheel, so this also checks that pretrained/ made it into the package.
+  assert "lopt_a/fmnist_mlp_k8_h4" in pretrained.available()
   for name in pretrained.available():
     meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
     path = pretrained.resolve(name)
