@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import signal
 import sys
 import textwrap
 import time
@@ -36,6 +35,7 @@ import numpy as np
 from optax_localsgd import baselines, data, engine, pretrained, servers, tasks, trainer
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.progress import Progress
+from optax_localsgd.signals import StopFlag
 
 PROG = "vit_imagenet.py"
 SERVERS = ("lopt_a", "lagg_a", "slowmo", "local_sgd", "diloco")
@@ -234,32 +234,6 @@ def run_identity(args: argparse.Namespace, n_train: int, n_classes: int,
 
 # ------------------------------------------------------------------------------------------
 # Outputs.
-
-
-class StopFlag:
-  """Turns the first SIGINT/SIGTERM into a flag checked between chunks of rounds.
-
-  A second Ctrl-C raises KeyboardInterrupt as usual (for a user who does not want to wait
-  for the current chunk and the checkpoint).
-  """
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._old = {}
-
-  def __enter__(self) -> "StopFlag":
-    for s in (signal.SIGINT, signal.SIGTERM):
-      self._old[s] = signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __exit__(self, *exc) -> None:
-    for s, h in self._old.items():
-      signal.signal(s, h)
 
 
 def write_log(log: dict, out: pathlib.Path) -> None:

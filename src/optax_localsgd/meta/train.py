@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import pathlib
-import signal
 import sys
 import time
 from typing import Any
@@ -31,6 +30,7 @@ from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state,
                                          make_outer_step)
 from optax_localsgd.meta_params import init_lagg_a, init_lopt_a
 from optax_localsgd.progress import Progress
+from optax_localsgd.signals import StopFlag
 from optax_localsgd.trainer import load_split, num_items
 
 
@@ -119,26 +119,6 @@ def _jitted_outer_step(groups: tuple[TaskGroup, ...], pes: PESConfig):
   return jax.jit(make_outer_step(groups, pes), donate_argnums=(0,))
 
 
-class _StopFlag:
-  """Turns SIGINT/SIGTERM into a flag the loop checks between outer steps."""
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    for s in (signal.SIGINT, signal.SIGTERM):
-      self._old[s] = signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-
-
 def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
                progress: bool = True, command: str | None = None,
                stop_after: int | None = None, export_partial: bool = False) -> dict[str, Any]:
@@ -186,7 +166,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
 
   interrupted = False
   t_prev = time.perf_counter()
-  with _StopFlag() as stop:
+  # Every signal only sets the flag: the loop always reaches its checkpoint.
+  with StopFlag(second_sigint_raises=False) as stop:
     while int(state.step) < total and not (stop_after is not None and stop_after <= 0):
       state, m = outer_step(state, datas)
       m = jax.device_get(m)
