@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import baselines, data, engine, pretrained, servers, tasks, trainer
+from optax_localsgd import data, engine, pretrained, servers, tasks, trainer
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
@@ -302,11 +302,9 @@ def train(args: argparse.Namespace) -> int:
                      f"workers.")
   identity = run_identity(args, n_train, n_classes, weights)
 
-  worker_tx = baselines.worker_sgd(args.local_lr, args.clip_norm or None)
-  round_cfg = engine.RoundConfig(args.workers, args.local_steps, args.batch_size,
-                                 per_worker_deltas=server.per_worker_deltas)
-  round_fn = engine.make_round_fn(task.loss, engine.classification_batch, worker_tx,
-                                  server.tx, round_cfg, mesh)
+  round_fn = trainer.round_fn_for(task, server, args.workers, args.local_steps,
+                                  args.batch_size, args.local_lr, args.clip_norm or None,
+                                  mesh=mesh)
 
   key = jax.random.PRNGKey(args.seed)
   params = jax.jit(task.init)(jax.random.fold_in(key, 0))  # jitted: eager init is slow.

@@ -24,6 +24,7 @@ hyperparameters, so a rung compiles once however many candidates it has.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import baselines, data, engine, servers, tasks, trainer
+from optax_localsgd import data, engine, servers, tasks, trainer
 
 SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
@@ -97,17 +98,24 @@ class SweepConfig:
     return out + [self.rounds]
 
 
+@functools.lru_cache(maxsize=2)
+def _sweep_data(task_name: str, data_dir: str | None, workers: int, eval_examples: int):
+  """(task, data on the device, eval batches, their sizes): loaded once per setting, not once
+  per rung and method."""
+  task = tasks.get_task(task_name)
+  arrays = trainer.load_split(task, "train", data_dir)
+  dev_data = jax.device_put(engine.DeviceData(
+      arrays, data.split_homogeneous(trainer.num_items(task, arrays), workers, SWEEP_SEED)))
+  batches = trainer.eval_batches(task, arrays, eval_examples)
+  sizes = jnp.asarray([len(b["x"]) for b in batches], jnp.float32)
+  return task, dev_data, batches, sizes
+
+
 def final_losses(cfg: SweepConfig, method: str, candidates: list[dict[str, float]],
                  rounds: int) -> list[float]:
   """Global training loss after ``rounds`` rounds for each candidate (one vmapped program)."""
-  task = tasks.get_task(cfg.task)
-  arrays = trainer.load_split(task, "train", cfg.data_dir)
-  dev_data = jax.device_put(engine.DeviceData(
-      arrays, data.split_homogeneous(trainer.num_items(task, arrays), cfg.workers, SWEEP_SEED)))
-  batches = trainer.eval_batches(task, arrays, cfg.eval_examples)
-  sizes = jnp.asarray([len(b["x"]) for b in batches], jnp.float32)
-  round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size)
-  batch_fn = trainer.batch_fn_for(task)
+  task, dev_data, batches, sizes = _sweep_data(cfg.task, cfg.data_dir, cfg.workers,
+                                               cfg.eval_examples)
   key = jax.random.PRNGKey(SWEEP_SEED)
   hp_names = sorted(candidates[0])
 
@@ -116,14 +124,9 @@ def final_losses(cfg: SweepConfig, method: str, candidates: list[dict[str, float
     server = servers.make_server(
         method, num_workers=cfg.workers, local_learning_rate=hp.get("local_lr", 0.1),
         server_learning_rate=hp.get("server_lr"), momentum=hp.get("momentum"))
-    if server.mode == "data_parallel":
-      round_fn = engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
-    else:
-      round_fn = engine.make_round_fn(task.loss, batch_fn,
-                                      baselines.worker_sgd(hp.get("local_lr", 0.1)),
-                                      server.tx, round_cfg)
+    round_fn = trainer.round_fn_for(task, server, cfg.workers, cfg.local_steps,
+                                    cfg.batch_size, hp.get("local_lr", 0.1))
     params = task.init(jax.random.fold_in(key, 0))
-
     params, _, _ = engine.make_multi_round_fn(round_fn)(
         params, server.tx.init(params), jax.random.fold_in(key, 1), 0, jnp.arange(rounds),
         dev_data)

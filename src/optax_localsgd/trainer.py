@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,24 @@ def batch_fn_for(task: tasks.Task) -> engine.BatchFn:
   return engine.classification_batch
 
 
+def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_steps: int,
+                 batch_size: int, local_lr, clip_norm: float | None = None,
+                 weight_decay: float = 0.0, mesh=None) -> Callable:
+  """The engine's round function for ``server``.
+
+  ``server.mode == "local"``: K workers take H steps of SGD (``baselines.worker_sgd``), then the
+  server step (over ``mesh``'s "workers" axis when given). ``"data_parallel"``: one step of the
+  server optimizer on K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
+  """
+  round_cfg = engine.RoundConfig(workers, local_steps, batch_size,
+                                 per_worker_deltas=server.per_worker_deltas)
+  batch_fn = batch_fn_for(task)
+  if server.mode == "data_parallel":
+    return engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
+  worker_tx = baselines.worker_sgd(local_lr, clip_norm, weight_decay)
+  return engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
+
+
 def eval_batches(task: tasks.Task, arrays: dict, n: int, chunk: int = 2000) -> list[dict]:
   """A fixed subset of ``n`` items in chunks, the same for every run."""
   total = num_items(task, arrays)
@@ -137,19 +155,13 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
       cfg.server, num_workers=cfg.workers, local_learning_rate=cfg.local_lr,
       server_learning_rate=cfg.server_lr, momentum=cfg.momentum, meta_params=meta_params,
       seed=cfg.seed)
-  round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size,
-                                 per_worker_deltas=server.per_worker_deltas)
   mesh = None
   if cfg.devices > 1:
     if cfg.devices > len(jax.devices()):
       raise ValueError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
     mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
-  batch_fn = batch_fn_for(task)
-  if server.mode == "data_parallel":
-    round_fn = engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
-  else:
-    worker_tx = baselines.worker_sgd(cfg.local_lr, cfg.clip_norm, cfg.weight_decay)
-    round_fn = engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
+  round_fn = round_fn_for(task, server, cfg.workers, cfg.local_steps, cfg.batch_size,
+                          cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh)
 
   key = jax.random.PRNGKey(cfg.seed)
   params = task.init(jax.random.fold_in(key, 0))
