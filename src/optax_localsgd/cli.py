@@ -227,7 +227,7 @@ def cmd_sweep(args) -> int:
   path = pathlib.Path(args.out)
   command = "optax-localsgd " + " ".join(args.argv)
   for method in args.methods.split(","):
-    result = sweep.sweep_method(cfg, method)
+    result = sweep.sweep_method(cfg, method, log=(lambda _: None) if args.quiet else print)
     sweep.update_file(path, cfg, method, result, command)
     print(f"{method}: {json.dumps(result['best'])}")
   return 0
@@ -245,12 +245,14 @@ def cmd_publish(args) -> int:
 
 
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
-  """The setting an evaluation or a sweep is for: task, K, H, B."""
+  """The setting an evaluation or a sweep is for (task, K, H, B, data) and --quiet."""
   p.add_argument("--task", default="fmnist_mlp", help="task name (default fmnist_mlp)")
   p.add_argument("--workers", "-K", type=int, default=8, help="number of workers K")
   p.add_argument("--local-steps", "-H", type=int, default=4, help="local steps per round H")
   p.add_argument("--batch-size", "-B", type=int, default=128,
                  help="examples per worker per local step")
+  p.add_argument("--data-dir", default=None, help="dataset directory")
+  p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--name", default=None, help="output name (default TASK_kK_hH)")
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
-  e.add_argument("--data-dir", default=None)
-  e.add_argument("--quiet", action="store_true")
   e.set_defaults(fn=cmd_evaluate)
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
@@ -348,8 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
   s.add_argument("--grid", choices=("paper", "reduced"), default="paper")
   s.add_argument("--out", default="src/optax_localsgd/tuned_hparams.json")
-  s.add_argument("--data-dir", default=None)
-  s.add_argument("--quiet", action="store_true")
   s.set_defaults(fn=cmd_sweep)
   pub = sub.add_parser(
       "publish", help="ship a meta-training run's weights under pretrained/ with a model card",

@@ -158,17 +158,12 @@ def run_all(cfg: EvalConfig, hparams: Mapping[str, Any], cache_dir: pathlib.Path
 # Metrics.
 
 
-def first_reach(hist: Mapping[str, Any], target: float) -> int | None:
-  """First evaluated round at which the global training loss is ``<= target``."""
-  return trainer.rounds_to_reach(hist, target)
-
-
 def speedup(method_hist: Mapping[str, Any], local_hist: Mapping[str, Any]) -> float | None:
   """Table 2's speedup of one run over the local-SGD run of the same seed (None: not reached)."""
   losses = np.asarray(local_hist["global_train_loss"], np.float64)
   best = float(np.nanmin(losses))
-  r_local = first_reach(local_hist, best)
-  r = first_reach(method_hist, best)
+  r_local = trainer.rounds_to_reach(local_hist, best)
+  r = trainer.rounds_to_reach(method_hist, best)
   if r is None or r_local is None:
     return None
   return r_local / max(r, 1)
@@ -194,7 +189,7 @@ def summarize(cfg: EvalConfig, runs: Mapping[str, list[dict]]) -> dict[str, dict
       per_seed.append({
           "seed": seed,
           "speedup": speedup(h, local[seed]),
-          "rounds_to_target": first_reach(h, cfg.target_loss),
+          "rounds_to_target": trainer.rounds_to_reach(h, cfg.target_loss),
           "final_train_loss": float(h["global_train_loss"][-1]),
           "test_accuracy": h.get("test_accuracy"),
       })

@@ -222,20 +222,24 @@ def available() -> list[str]:
   return sorted(names)
 
 
+def _is_bundled_name(path_or_name: PathLike) -> bool:
+  """A ``str`` not ending in ``.npz`` names bundled weights; anything else is a path."""
+  return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
+
+
 def _resolve(path_or_name: PathLike) -> pathlib.Path:
   """A path to a file, from a path (``os.PathLike`` or ``str`` ending in ``.npz``) or a name.
 
   Any ``str`` not ending in ``.npz`` is a bundled name; this never depends on the current
   folder, so a stray local file cannot shadow bundled weights.
   """
-  if isinstance(path_or_name, os.PathLike) or (
-      isinstance(path_or_name, str) and path_or_name.endswith(".npz")):
+  if not isinstance(path_or_name, (str, os.PathLike)):
+    raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")
+  if not _is_bundled_name(path_or_name):
     path = pathlib.Path(path_or_name)
     if not path.is_file():
       raise ValueError(f"Weight file {path} does not exist (or is not a file).")
     return path
-  if not isinstance(path_or_name, str):
-    raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")
   name = path_or_name
   if _NAME_RE.match(name) and ".." not in name.split("/"):
     for d in _bundled_dirs():
@@ -272,10 +276,6 @@ def bundled_sha256(name: str) -> str:
   if name not in entries or "sha256" not in entries[name]:
     raise ValueError(f"Bundled weights {name!r} have no sha256 entry in {manifest}.")
   return entries[name]["sha256"]
-
-
-def _is_bundled_name(path_or_name: PathLike) -> bool:
-  return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
 
 
 def file_sha256(path: PathLike) -> str:
