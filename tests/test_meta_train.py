@@ -81,6 +81,24 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     meta_train(tiny(), tmp_path, resume=True, progress=False)
 
 
+def test_init_from_starts_at_the_given_weights(tmp_path):
+  """Fine-tuning (e.g. H = 4 weights for H = 16) starts from those weights, bit for bit."""
+  src = meta_train(tiny(optimizer="lagg_a", pes=dict(outer_steps=2)), tmp_path / "src",
+                   progress=False)["weights"]
+  cfg = tiny(optimizer="lagg_a", local_steps=3, init_from=str(src), pes=dict(outer_steps=1))
+  _, _, state = _setup(cfg)
+  for x, y in zip(jax.tree.leaves(state.theta), _theta_leaves(src)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  res = meta_train(cfg, tmp_path / "ft", progress=False)
+  info = pretrained.metadata(res["weights"])["info"]
+  assert info["init_from"] == str(src) and info["H"] == 3
+  assert info["init_from_sha256"] == pretrained.file_sha256(src)
+  with pytest.raises(ValueError, match="LAgg-A weights for K=2 workers, but you asked for K=4"):
+    _setup(tiny(optimizer="lagg_a", workers=4, init_from=str(src)))
+  with pytest.raises(ValueError, match="holds lagg_a weights, but --optimizer is lopt_a"):
+    _setup(tiny(init_from=str(src)))
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--optimizer", "lopt_a", "--task", "nope"], "Unknown task"),
     (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--task", "fmnist_cnn",

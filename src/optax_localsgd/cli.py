@@ -150,7 +150,7 @@ def cmd_meta_train(args) -> int:
       optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
-      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)
+      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial)
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--lr-end", type=float, default=1e-3)
   m.add_argument("--warmup-steps", type=int, default=100)
   m.add_argument("--seed", type=int, default=0)
+  m.add_argument("--init-from", default=None, metavar="NAME_OR_PATH",
+                 help="start from these weights (same optimizer and K), e.g. to fine-tune "
+                 "H=4 weights for another H; default: a fresh init from --seed")
   m.add_argument("--checkpoint-every", type=int, default=100)
   m.add_argument("--data-dir", default=None)
   m.add_argument("--out", required=True, help="output directory")

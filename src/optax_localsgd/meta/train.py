@@ -22,13 +22,14 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import _version, data, engine, pretrained, tasks
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state,
                                          make_outer_step)
-from optax_localsgd.meta_params import init_lagg_a, init_lopt_a
+from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
 from optax_localsgd.trainer import load_split, num_items
@@ -50,6 +51,8 @@ class MetaTrainConfig:
     seed: seed of the meta-parameters' init, the tasks and the perturbations.
     checkpoint_every: outer steps between checkpoints.
     data_dir: dataset directory (``None``: the loaders' search paths).
+    init_from: start from these weights (a bundled name or a path) instead of a fresh init,
+      e.g. to fine-tune H = 4 weights for H = 16; ``None``: fresh init from ``seed``.
   """
   optimizer: str = "lopt_a"
   tasks: tuple[str, ...] = ("fmnist_mlp",)
@@ -62,6 +65,7 @@ class MetaTrainConfig:
   seed: int = 0
   checkpoint_every: int = 100
   data_dir: str | None = None
+  init_from: str | None = None
 
   def __post_init__(self):
     if self.optimizer not in ("lopt_a", "lagg_a"):
@@ -90,8 +94,23 @@ class MetaTrainConfig:
     d = dataclasses.asdict(self)
     d.pop("checkpoint_every")
     d.pop("data_dir")
+    if self.init_from is None:
+      d.pop("init_from")  # runs started before the option existed keep their identity
     d["tasks"] = list(self.tasks)
     return d
+
+
+def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
+  """Fresh meta-parameters from ``cfg.seed``, or ``cfg.init_from``'s after checking them."""
+  if cfg.init_from is None:
+    key = jax.random.PRNGKey(cfg.seed)
+    return (init_lopt_a(key) if cfg.optimizer == "lopt_a"
+            else init_lagg_a(key, cfg.workers))
+  theta = pretrained.load(cfg.init_from, num_workers=cfg.workers)
+  if theta.config.kind != cfg.optimizer:
+    raise ValueError(f"--init-from {cfg.init_from} holds {theta.config.kind} weights, but "
+                     f"--optimizer is {cfg.optimizer}.")
+  return jax.tree.map(jnp.asarray, theta)
 
 
 def _setup(cfg: MetaTrainConfig):
@@ -107,9 +126,7 @@ def _setup(cfg: MetaTrainConfig):
         arrays, data.split_homogeneous(n, cfg.workers, cfg.seed + i))))
     groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr))
   key = jax.random.PRNGKey(cfg.seed)
-  theta = (init_lopt_a(key) if cfg.optimizer == "lopt_a"
-           else init_lagg_a(key, cfg.workers))
-  state = init_meta_state(theta, tuple(groups), jax.random.fold_in(key, 1), cfg.pes)
+  state = init_meta_state(initial_theta(cfg), tuple(groups), jax.random.fold_in(key, 1), cfg.pes)
   return tuple(groups), tuple(datas), state
 
 
@@ -207,6 +224,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
         "outer_steps": int(state.step), "outer_steps_planned": total,
         "pes": dataclasses.asdict(cfg.pes),
         "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
+        "init_from": cfg.init_from,
+        "init_from_sha256": (pretrained.file_sha256(pretrained.resolve(cfg.init_from))
+                             if cfg.init_from else None),
         "final_meta_loss_mean_last_50": float(np.mean(final)) if final else None,
         "nonfinite_pairs": int(state.nonfinite_pairs),
         "nonfinite_grads": int(state.nonfinite_grads),
