@@ -37,6 +37,15 @@ def test_publish_writes_loadable_weights_manifest_and_card(tmp_path, monkeypatch
   assert COMMAND in card and "Reduced recipe" in card
   assert "| outer_steps | 120 (of a 300-step schedule) | 5000 |" in card
   assert "| 1 | 2 |" in card and "# title" not in card and "x.png" not in card
+  assert "Fine-tuned" not in card
+
+
+def test_card_of_fine_tuned_weights_names_its_starting_point(tmp_path):
+  run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(1)),
+                 init_from="lopt_a/fmnist_mlp_k8_h4", init_from_sha256="ab" * 32)
+  card = model_card.publish(run / "weights.npz", "lopt_a/x", tmp_path / "root").read_text()
+  assert ("**Fine-tuned.** Meta-training started from `lopt_a/fmnist_mlp_k8_h4` (sha256 `"
+          + "ab" * 32 + "`)") in card
 
 
 def test_publish_refuses_a_corrupt_file(tmp_path):

@@ -69,6 +69,10 @@ def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | N
     lines += ["**Reduced recipe.** These weights were meta-trained on a 2-core CPU, not with the "
               "paper's recipe (which needs a GPU: about 70 s per outer step on that CPU, "
               "see `benchmarks/results/`). The evaluation below shows what that costs.", ""]
+  if info.get("init_from"):
+    lines += [f"**Fine-tuned.** Meta-training started from `{info['init_from']}` (sha256 "
+              f"`{info.get('init_from_sha256')}`), not from a fresh init; the table and the "
+              f"curve are this run's steps only.", ""]
   lines += _recipe_rows(info)
   lines += ["", "Meta-trained with:", "", "```bash", info.get("command", "(not recorded)"),
             "```", ""]
