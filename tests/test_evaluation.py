@@ -48,6 +48,11 @@ def test_summarize_pairs_seeds_and_report_marks_partial_counts():
   text = report.markdown(cfg, s, "optax-localsgd evaluate ...")
   assert "| SlowMo | 4.00 (1/2) | 10 ± 0 |" in text
   assert "global model" in text and "optax-localsgd evaluate ..." in text
+  assert "no sweep was run" not in text
+  for m in s:
+    s[m]["hparams"] = {"local_lr": 0.3}
+  text = report.markdown(cfg, s, "cmd", borrowed_hparams_key="fmnist_mlp/K8/H4/B128")
+  assert "use the values tuned for `fmnist_mlp/K8/H4/B128`: no sweep was run" in text
 
 
 def test_eval_config_rejects_bad_input():

@@ -195,8 +195,8 @@ def cmd_evaluate(args) -> int:
       methods=methods, weights=tuple(sorted(weights.items())), target_loss=args.target_loss,
       eval_every=args.eval_every, eval_dense_until=args.eval_dense_until,
       data_dir=args.data_dir)
-  key = args.hparams_key or sweep.SweepConfig(
-      args.task, args.workers, args.local_steps, args.batch_size).key()
+  own_key = sweep.SweepConfig(args.task, args.workers, args.local_steps, args.batch_size).key()
+  key = args.hparams_key or own_key
   hparams = sweep.tuned_hparams(key, pathlib.Path(args.hparams) if args.hparams else None)
   name = args.name or f"{args.task}_k{args.workers}_h{args.local_steps}"
   runs = evaluation.run_all(cfg, hparams, pathlib.Path(args.cache) / name,
@@ -209,7 +209,8 @@ def cmd_evaluate(args) -> int:
   out.mkdir(parents=True, exist_ok=True)
   report.plot_curves(cfg, runs, out / f"{name}.png")
   command = "optax-localsgd " + " ".join(args.argv)
-  text = report.markdown(cfg, summary, command, f"{name}.png")
+  text = report.markdown(cfg, summary, command, f"{name}.png",
+                         borrowed_hparams_key=key if key != own_key else None)
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(
       {"command": command, "hparams_key": key, "summary": summary}, indent=1) + "\n")

@@ -23,8 +23,13 @@ def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = Fals
 
 
 def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]],
-             command: str, png_name: str | None = None) -> str:
-  """The results page: setup, the command, the table, how to read it."""
+             command: str, png_name: str | None = None, *,
+             borrowed_hparams_key: str | None = None) -> str:
+  """The results page: setup, the command, the table, how to read it.
+
+  ``borrowed_hparams_key``: the sweep entry the baselines' hyperparameters come from when it is
+  not this setting's own (no sweep was run for it); the page then says so.
+  """
   n_seeds = len(cfg.seeds)
   lines = [
       f"# {cfg.task}, K = {cfg.workers}, H = {cfg.local_steps}, B = {cfg.batch_size}",
@@ -61,6 +66,10 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
   hp = {m: summary[m].get("hparams") for m in cfg.methods if summary[m].get("hparams")}
   if hp:
     lines += ["", "Hyperparameters:", ""]
+    if borrowed_hparams_key:
+      lines += [f"The baselines use the values tuned for `{borrowed_hparams_key}`: no sweep was "
+                "run for this setting, so they are not tuned for it (nor are the learned "
+                "optimizers, whose weights are named below).", ""]
     lines += [f"- {evaluation.LABELS[m]}: `{json.dumps(v, sort_keys=True)}`" for m, v in hp.items()]
   if png_name:
     lines += ["", f"![training loss curves]({png_name})"]
