@@ -524,7 +524,8 @@ def test_lagg_a_weights_refuse_another_k(tmp_path):
 
 def test_every_shipped_weight_file_loads_and_has_a_model_card():
   # CI installs the wheel, so this also checks that pretrained/ made it into the package.
-  assert "lopt_a/fmnist_mlp_k8_h4" in pretrained.available()
+  assert {"lopt_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h4",
+          "lagg_a/fmnist_mlp_k8_h16"} <= set(pretrained.available())
   for name in pretrained.available():
     meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
     path = pretrained.resolve(name)
@@ -537,3 +538,4 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
     k = meta.config.num_workers
     if k is not None:
       assert f"_k{k}_" in name
+    assert name.endswith(f"_k{info['K']}_h{info['H']}"), "the name must say K and H"
