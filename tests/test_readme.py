@@ -18,7 +18,6 @@ def test_readme_python_blocks_run():
     exec(compile(code, "README.md", "exec"), {})
 
 
-
 def test_ci_runs_the_readme_test_command():
   cmd = re.search(r"The test command is `([^`]+)`", (ROOT / "README.md").read_text()).group(1)
   assert cmd in (ROOT / ".ci" / "run").read_text()
