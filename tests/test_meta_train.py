@@ -1,5 +1,6 @@
 """Meta-training on real Fashion-MNIST: progress, exact resume, NaN guard, bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from optax_localsgd import cli, engine, pretrained, tasks
-from optax_localsgd.meta.problem import PESConfig, TaskGroup, evaluate_meta_loss
+from optax_localsgd.meta.problem import (PESConfig, TaskGroup, evaluate_meta_loss,
+                                         make_outer_step)
 from optax_localsgd.meta.train import MetaTrainConfig, _setup, meta_train
 
 
@@ -65,6 +67,44 @@ def test_non_finite_meta_losses_never_reach_theta(tmp_path):
   assert pretrained.metadata(res["weights"])["info"]["nonfinite_pairs"] > 0
 
 
+def test_divergence_guard_clips_round_losses_and_restarts_pairs_at_the_cap():
+  """A cap below every loss the task reaches: each round is clipped, so the meta-loss is the
+  cap, the antithetic differences (and the gradient) are zero, and every pair restarts."""
+  cfg = tiny(pes=dict(loss_clip=1.5))
+  groups, datas, state = _setup(cfg)
+  assert 2.0 < groups[0].init_loss < 2.6  # ~log(10) for a fresh 10-way classifier
+  low = (dataclasses.replace(groups[0], init_loss=0.1),)  # cap 0.15, far below any loss
+  state = state._replace(groups=tuple(
+      g._replace(rounds_done=jnp.zeros_like(g.rounds_done), length=g.length + 100)
+      for g in state.groups))
+  new, m = jax.jit(make_outer_step(low, cfg.pes))(state, datas)
+  np.testing.assert_allclose(float(m["meta_loss"]), 0.15, rtol=1e-6)
+  g = new.groups[0]
+  np.testing.assert_array_equal(np.asarray(g.rounds_done), 0)  # restarted, not at 3 rounds
+  for x in jax.tree.leaves(g.xi):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  # The same step with the real initial loss (cap ~3.5) clips nothing and restarts nothing.
+  _, m_real = jax.jit(make_outer_step(groups, cfg.pes))(state, datas)
+  assert float(m_real["meta_loss"]) < 2.6
+  # Only float32 rounding of the clipped means is left of the antithetic differences.
+  assert float(m["grad_norm"]) < 1e-3 * float(m_real["grad_norm"])
+
+
+def test_divergence_guard_is_neutral_until_it_triggers(tmp_path):
+  """On a healthy run the guard changes nothing: same meta-losses, same weights."""
+  plain = meta_train(tiny(pes=dict(outer_steps=4)), tmp_path / "a", progress=False)
+  guarded = meta_train(tiny(pes=dict(outer_steps=4, loss_clip=1.5)), tmp_path / "b",
+                       progress=False)
+  assert plain["log"]["meta_loss"] == guarded["log"]["meta_loss"]
+  for x, y in zip(_theta_leaves(plain["weights"]), _theta_leaves(guarded["weights"])):
+    np.testing.assert_array_equal(x, y)
+  assert "loss_clip" not in plain["log"]["config"]["pes"]  # old checkpoints keep resuming
+  assert guarded["log"]["config"]["pes"]["loss_clip"] == 1.5
+  with pytest.raises(ValueError, match="loss_clip"):  # a checkpoint of another guard
+    meta_train(tiny(pes=dict(outer_steps=4, loss_clip=2.0)), tmp_path / "b", resume=True,
+               progress=False)
+
+
 def test_resume_refuses_another_configuration(tmp_path):
   meta_train(tiny(), tmp_path, progress=False, stop_after=1)
   with pytest.raises(ValueError, match="workers"):
@@ -108,6 +148,8 @@ def test_init_from_starts_at_the_given_weights(tmp_path):
     (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--resume"], "no checkpoint"),
     (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--min-inner", "50",
       "--max-inner", "10"], "min_inner <= max_inner"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--loss-clip", "0.5"],
+     "loss_clip must be a finite number > 1"),
 ])
 def test_bad_flags(args, msg, tmp_path, capsys):
   assert cli.main(["meta-train", *args, "--out", str(tmp_path / "o")]) == 2

@@ -145,7 +145,7 @@ def cmd_meta_train(args) -> int:
   from optax_localsgd.meta.train import MetaTrainConfig, meta_train
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
-                  lr_end=args.lr_end, warmup_steps=args.warmup_steps)
+                  lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip)
   cfg = MetaTrainConfig(
       optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--lr-peak", type=float, default=3e-3)
   m.add_argument("--lr-end", type=float, default=1e-3)
   m.add_argument("--warmup-steps", type=int, default=100)
+  m.add_argument("--loss-clip", type=float, default=None, metavar="FACTOR",
+                 help="divergence guard: clip each round's meta-loss at FACTOR x the task's "
+                 "loss at initialisation and restart pairs that stay there (default: off)")
   m.add_argument("--seed", type=int, default=0)
   m.add_argument("--init-from", default=None, metavar="NAME_OR_PATH",
                  help="start from these weights (same optimizer and K), e.g. to fine-tune "

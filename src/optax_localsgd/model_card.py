@@ -20,7 +20,7 @@ KIND_LABELS = {"lopt_a": "LOpt-A", "lagg_a": "LAgg-A"}
 # SPEC section 5 / paper appendix B.
 PAPER_RECIPE = {"outer_steps": 5000, "tasks_per_estimate": 8, "truncation": 50,
                 "min_inner": 100, "max_inner": 1000, "sigma": None, "lr_peak": 3e-3,
-                "lr_end": 1e-3, "warmup_steps": 100}
+                "lr_end": 1e-3, "warmup_steps": 100, "loss_clip": "off"}
 
 
 def _recipe_rows(info: Mapping[str, Any]) -> list[str]:
@@ -30,6 +30,8 @@ def _recipe_rows(info: Mapping[str, Any]) -> list[str]:
   rows = ["| setting | these weights | paper |", "| --- | --- | --- |"]
   for key, paper in PAPER_RECIPE.items():
     mine = ours.get(key)
+    if key == "loss_clip" and mine is None:
+      mine = "off"  # the divergence guard; weights made before it existed never had it
     if key == "outer_steps" and info.get("outer_steps_planned") not in (None, mine):
       mine = f"{mine} (of a {info['outer_steps_planned']}-step schedule)"
     rows.append(f"| {key} | {mine} | {'not stated' if paper is None else paper} |")

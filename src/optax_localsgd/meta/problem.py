@@ -4,7 +4,8 @@ An inner state is one optimizee being trained by local SGD with a learned server
 the server's state and the round count. :func:`make_outer_step` returns
 ``outer_step(state, datas) -> (state, metrics)``: for every task group, an antithetic PES
 truncation of ``truncation`` rounds (``lax.scan`` over rounds inside, ``vmap`` over tasks and
-signs), resets of finished inner problems, NaN guards, and one AdamW step on the meta-parameters.
+signs), resets of finished inner problems, NaN and divergence guards, and one AdamW step on the
+meta-parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_localsgd import baselines, engine, tasks
@@ -36,6 +38,10 @@ class PESConfig:
     lr_init, lr_peak, lr_end, warmup_steps: AdamW learning rate, linear warm-up from
       ``lr_init`` to ``lr_peak`` over ``warmup_steps``, then cosine decay to ``lr_end``.
     weight_decay: AdamW weight decay.
+    loss_clip: divergence guard (not in the paper; ``None``: off). Each round's meta-loss is
+      clipped at ``loss_clip`` times the task's loss at initialisation
+      (:attr:`TaskGroup.init_loss`), so one runaway particle cannot dominate the estimate,
+      and a pair restarts when either particle sat at that cap for the whole truncation.
   """
   sigma: float = 0.01
   truncation: int = 50
@@ -47,6 +53,7 @@ class PESConfig:
   lr_end: float = 1e-3
   warmup_steps: int = 100
   weight_decay: float = 1e-4
+  loss_clip: float | None = None
 
   def schedule(self) -> optax.Schedule:
     warmup = min(self.warmup_steps, self.outer_steps)
@@ -57,11 +64,32 @@ class PESConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskGroup:
-  """``num_tasks`` optimizees of one task (same data and architecture, different inits)."""
+  """``num_tasks`` optimizees of one task (same data and architecture, different inits).
+
+  ``init_loss``: the task's training loss at initialisation (nats), the scale of
+  :attr:`PESConfig.loss_clip`; needed only when that guard is on (:func:`initial_loss`).
+  """
   task: tasks.Task
   num_tasks: int
   round_cfg: engine.RoundConfig
   local_lr: float
+  init_loss: float | None = None
+
+  def loss_cap(self, pcfg: PESConfig) -> float | None:
+    """The per-round meta-loss cap, or ``None`` when the divergence guard is off."""
+    if pcfg.loss_clip is None:
+      return None
+    if self.init_loss is None or not math.isfinite(self.init_loss):
+      raise ValueError(f"loss_clip needs the finite initial loss of task {self.task.name!r}; "
+                       f"got init_loss={self.init_loss}.")
+    return pcfg.loss_clip * self.init_loss
+
+
+def initial_loss(task: tasks.Task, batches: list, seed: int, inits: int = 4) -> float:
+  """Mean loss of ``inits`` fresh initialisations of ``task`` over ``batches`` (nats)."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), inits)
+  loss = jax.jit(task.loss)
+  return float(np.mean([[loss(task.init(k), b) for b in batches] for k in keys]))
 
 
 class GroupState(NamedTuple):
@@ -125,7 +153,8 @@ def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
       nonfinite_pairs=jnp.zeros([], jnp.int32), nonfinite_grads=jnp.zeros([], jnp.int32))
 
 
-def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData):
+def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData,
+               cap: float | None = None):
   task = group.task
   batch_fn = batch_fn_for(task)
 
@@ -138,7 +167,9 @@ def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData):
     def body(carry, r):
       p, s = carry
       p, s, m = round_fn(p, s, jax.random.fold_in(key, start + r), data)
-      return (p, s), m["train_loss"]
+      loss = m["train_loss"]
+      # NaN stays NaN (minimum propagates it), so the non-finite guard still sees it.
+      return (p, s), loss if cap is None else jnp.minimum(loss, cap)
 
     (params, sstate), losses = jax.lax.scan(body, (params, sstate), jnp.arange(truncation))
     return (params, sstate), jnp.mean(losses)  # paper eq. 3: mean over the truncation
@@ -159,7 +190,7 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
       eps = pes.sample_perturbation(k_eps, theta, group.num_tasks, pcfg.sigma)
-      unroll = _unroll_fn(group, pcfg.truncation, data)
+      unroll = _unroll_fn(group, pcfg.truncation, data, group.loss_cap(pcfg))
       est = pes.antithetic_pes(
           lambda th, inner, ks: unroll(th, inner, ks), theta,
           (gs.params, gs.server_state), gs.xi, (gs.key, gs.rounds_done), eps, pcfg.sigma)
@@ -189,10 +220,14 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
 
 def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
              pcfg: PESConfig) -> GroupState:
-  """Count the rounds; restart inner problems that finished or produced non-finite losses."""
+  """Count the rounds; restart inner problems that finished, produced non-finite losses or
+  (with the divergence guard) sat at the loss cap for a whole truncation."""
   params, sstate = est.inner_states
   done = gs.rounds_done + pcfg.truncation
   reset = (done >= gs.length) | ~est.finite
+  cap = group.loss_cap(pcfg)
+  if cap is not None:
+    reset = reset | diverged(est.losses, cap)
   n = group.num_tasks
   k_len = jax.random.split(key)[0]
   new_keys = jax.vmap(jax.random.fold_in)(gs.key, done.astype(jnp.uint32) + 1)
@@ -208,6 +243,12 @@ def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
       xi=pick(jax.tree.map(jnp.zeros_like, est.xi), est.xi),
       rounds_done=jnp.where(reset, 0, done).astype(jnp.int32),
       length=jnp.where(reset, new_len, gs.length), key=pick(new_keys, gs.key))
+
+
+def diverged(losses: jax.Array, cap: float) -> jax.Array:
+  """``(n,)``: a particle of the pair has truncation-mean loss at ``cap``, i.e. every round of the
+  truncation was clipped (to float32 rounding of the mean)."""
+  return jnp.any(losses >= cap * (1 - 1e-4), axis=1)
 
 
 def evaluate_meta_loss(theta: MetaParams, group: TaskGroup, data: engine.DeviceData,

@@ -27,12 +27,16 @@ import numpy as np
 
 from optax_localsgd import _version, data, engine, pretrained, tasks
 from optax_localsgd.meta import checkpoint as ckpt
-from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state,
+from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
 from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
-from optax_localsgd.trainer import load_split, num_items
+from optax_localsgd.trainer import eval_batches, load_split, num_items
+
+# Examples (of the fixed evaluation subset) over which the divergence guard's initial loss is
+# measured.
+INIT_LOSS_EXAMPLES = 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,9 @@ class MetaTrainConfig:
       raise ValueError("need outer_steps >= 1, truncation >= 1, 1 <= min_inner <= max_inner.")
     if not p.sigma > 0:
       raise ValueError(f"sigma must be > 0, got {p.sigma}.")
+    if p.loss_clip is not None and not (math.isfinite(p.loss_clip) and p.loss_clip > 1):
+      raise ValueError(f"loss_clip must be a finite number > 1 (a multiple of the loss at "
+                       f"initialisation), got {p.loss_clip}.")
 
   def identity(self) -> dict:
     """What a checkpoint must match to be resumed (everything that shapes the state)."""
@@ -96,6 +103,8 @@ class MetaTrainConfig:
     d.pop("data_dir")
     if self.init_from is None:
       d.pop("init_from")  # runs started before the option existed keep their identity
+    if self.pes.loss_clip is None:
+      d["pes"].pop("loss_clip")  # likewise
     d["tasks"] = list(self.tasks)
     return d
 
@@ -124,7 +133,9 @@ def _setup(cfg: MetaTrainConfig):
     n = num_items(task, arrays)
     datas.append(jax.device_put(engine.DeviceData(
         arrays, data.split_homogeneous(n, cfg.workers, cfg.seed + i))))
-    groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr))
+    init_loss = (None if cfg.pes.loss_clip is None else
+                 initial_loss(task, eval_batches(task, arrays, INIT_LOSS_EXAMPLES), cfg.seed + i))
+    groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr, init_loss))
   key = jax.random.PRNGKey(cfg.seed)
   state = init_meta_state(initial_theta(cfg), tuple(groups), jax.random.fold_in(key, 1), cfg.pes)
   return tuple(groups), tuple(datas), state
