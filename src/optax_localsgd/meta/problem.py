@@ -186,7 +186,8 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
     key, k_step = jax.random.split(state.key)
     theta = state.theta
     grad = jax.tree.map(jnp.zeros_like, theta)
-    new_groups, losses, n_bad = [], [], jnp.zeros([], jnp.int32)
+    new_groups, losses = [], []
+    n_bad = n_capped = jnp.zeros([], jnp.int32)
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
       eps = pes.sample_perturbation(k_eps, theta, group.num_tasks, pcfg.sigma)
@@ -199,6 +200,9 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
       grad = jax.tree.map(lambda a, b: a + w * b, grad, est.grad)
       losses.append(est.losses)
       n_bad = n_bad + jnp.sum(~est.finite)
+      cap = group.loss_cap(pcfg)
+      if cap is not None:
+        n_capped = n_capped + jnp.sum(diverged(est.losses, cap))
       new_groups.append(_advance(group, gs, est, theta, k_reset, pcfg))
     mean_loss = jnp.mean(jnp.concatenate([jnp.where(jnp.isfinite(l), l, jnp.nan).reshape(-1)
                                           for l in losses]))
@@ -211,7 +215,7 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
         step=state.step + 1, nonfinite_pairs=state.nonfinite_pairs + n_bad,
         nonfinite_grads=state.nonfinite_grads + (~grad_ok).astype(jnp.int32))
     metrics = {"meta_loss": mean_loss, "lr": pcfg.schedule()(state.step),
-               "nonfinite_pairs": n_bad, "grad_finite": grad_ok,
+               "nonfinite_pairs": n_bad, "capped_pairs": n_capped, "grad_finite": grad_ok,
                "grad_norm": optax.tree.norm(grad)}
     return new_state, metrics
 
@@ -226,7 +230,7 @@ def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
   done = gs.rounds_done + pcfg.truncation
   reset = (done >= gs.length) | ~est.finite
   cap = group.loss_cap(pcfg)
-  if cap is not None:
+  if cap is not None:  # counted as "capped_pairs" in the step's metrics
     reset = reset | diverged(est.losses, cap)
   n = group.num_tasks
   k_len = jax.random.split(key)[0]

@@ -206,6 +206,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
       log["lr"].append(float(m["lr"]))
       log["grad_norm"].append(float(m["grad_norm"]))
       log["nonfinite_pairs"].append(int(m["nonfinite_pairs"]))
+      # Pairs restarted by the divergence guard (key absent in logs of older runs).
+      log.setdefault("capped_pairs", []).append(int(m["capped_pairs"]))
       log["wall_s"].append(now - t_prev)
       t_prev = now
       if int(m["nonfinite_pairs"]) or not bool(m["grad_finite"]):
@@ -240,6 +242,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
                              if cfg.init_from else None),
         "final_meta_loss_mean_last_50": float(np.mean(final)) if final else None,
         "nonfinite_pairs": int(state.nonfinite_pairs),
+        "capped_pairs": sum(log.get("capped_pairs", [])),
         "nonfinite_grads": int(state.nonfinite_grads),
         "package_version": _version.__version__,
         # The command that started the run (a resumed or exported run keeps it).
