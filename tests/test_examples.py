@@ -183,6 +183,15 @@ def test_vit_errors_are_one_clear_line(tmp_path, imagenet_dir, capsys, monkeypat
       assert needle in err, (needle, err)
 
 
+def test_vit_defaults_to_the_bundled_imagenet_mlp_weights():
+  """The paper's ViT result uses optimizers meta-trained on the ImageNet MLP; so does ours."""
+  defaults = load_example("vit_imagenet").DEFAULT_WEIGHTS
+  assert defaults["lopt_a"] == "lopt_a/tiny_imagenet32_mlp_k8_h4"
+  for name in defaults.values():
+    assert name in ol.pretrained.available()
+    assert ol.pretrained.metadata(name)["info"]["tasks"] == ["imagenet32_mlp"]
+
+
 def test_custom_loop_without_weights_says_what_to_do(tmp_path, capsys):
   assert load_example("custom_loop").main(["--weights", str(tmp_path / "missing.npz")]) == 2
   err = capsys.readouterr().err

@@ -524,8 +524,9 @@ def test_lagg_a_weights_refuse_another_k(tmp_path):
 
 def test_every_shipped_weight_file_loads_and_has_a_model_card():
   # CI installs the wheel, so this also checks that pretrained/ made it into the package.
-  assert {"lopt_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h4",
-          "lagg_a/fmnist_mlp_k8_h16"} <= set(pretrained.available())
+  assert {"lopt_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h16",
+          "lopt_a/tiny_imagenet32_mlp_k8_h4", "lagg_a/tiny_imagenet32_mlp_k8_h4",
+          } <= set(pretrained.available())
   for name in pretrained.available():
     meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
     path = pretrained.resolve(name)
