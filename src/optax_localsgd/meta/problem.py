@@ -191,7 +191,8 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
       eps = pes.sample_perturbation(k_eps, theta, group.num_tasks, pcfg.sigma)
-      unroll = _unroll_fn(group, pcfg.truncation, data, group.loss_cap(pcfg))
+      cap = group.loss_cap(pcfg)
+      unroll = _unroll_fn(group, pcfg.truncation, data, cap)
       est = pes.antithetic_pes(
           lambda th, inner, ks: unroll(th, inner, ks), theta,
           (gs.params, gs.server_state), gs.xi, (gs.key, gs.rounds_done), eps, pcfg.sigma)
@@ -200,10 +201,9 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
       grad = jax.tree.map(lambda a, b: a + w * b, grad, est.grad)
       losses.append(est.losses)
       n_bad = n_bad + jnp.sum(~est.finite)
-      cap = group.loss_cap(pcfg)
-      if cap is not None:
-        n_capped = n_capped + jnp.sum(diverged(est.losses, cap))
-      new_groups.append(_advance(group, gs, est, theta, k_reset, pcfg))
+      capped = jnp.zeros_like(est.finite) if cap is None else diverged(est.losses, cap)
+      n_capped = n_capped + jnp.sum(capped)
+      new_groups.append(_advance(group, gs, est, capped, theta, k_reset, pcfg))
     mean_loss = jnp.mean(jnp.concatenate([jnp.where(jnp.isfinite(l), l, jnp.nan).reshape(-1)
                                           for l in losses]))
     grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grad)]))
@@ -222,16 +222,13 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
   return outer_step
 
 
-def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, theta, key,
-             pcfg: PESConfig) -> GroupState:
-  """Count the rounds; restart inner problems that finished, produced non-finite losses or
-  (with the divergence guard) sat at the loss cap for a whole truncation."""
+def _advance(group: TaskGroup, gs: GroupState, est: pes.PESEstimate, capped: jax.Array, theta,
+             key, pcfg: PESConfig) -> GroupState:
+  """Count the rounds; restart inner problems that finished, produced non-finite losses or are
+  ``capped`` (``(n,)`` bool: the divergence guard's :func:`diverged`, all False when it is off)."""
   params, sstate = est.inner_states
   done = gs.rounds_done + pcfg.truncation
-  reset = (done >= gs.length) | ~est.finite
-  cap = group.loss_cap(pcfg)
-  if cap is not None:  # counted as "capped_pairs" in the step's metrics
-    reset = reset | diverged(est.losses, cap)
+  reset = (done >= gs.length) | ~est.finite | capped
   n = group.num_tasks
   k_len = jax.random.split(key)[0]
   new_keys = jax.vmap(jax.random.fold_in)(gs.key, done.astype(jnp.uint32) + 1)
