@@ -1,7 +1,9 @@
 """Independent plain-NumPy reference for the server transforms of optax_localsgd.
 
-Written from docs/features.md (feature set ``ada-v1``) and section 2 of the technical
-contract, without looking at the JAX implementation. Everything is computed in float64;
+Written from docs/features.md (feature sets ``ada-v1`` and ``ada-v2``; the latter from the
+authors' published formulas, with their tensor layout: factored statistics with the reduced axis
+deleted, not kept) and section 2 of the technical contract, without looking at the JAX
+implementation. Everything is computed in float64;
 the JAX code computes in float32, so comparisons need a float32-sized tolerance.
 
 Leaves are plain lists of ``np.ndarray`` in a fixed order chosen by the caller.
@@ -117,19 +119,25 @@ def mlp_apply(mlp, x):
 # ---------------------------------------------------------------------------
 
 class Learned:
-    """LOpt-A when k is None, LAgg-A when k is an int."""
+    """LOpt-A when k is None, LAgg-A when k is an int; feature_set 'ada-v1' or 'ada-v2'."""
 
     def __init__(self, mlp, decay_offsets, shapes, k=None,
-                 step_mult=1e-3, exp_mult=1e-3, eps=1e-10):
+                 step_mult=1e-3, exp_mult=1e-3, eps=1e-10, feature_set="ada-v1"):
         self.mlp = mlp
         self.k = k
+        self.feature_set = feature_set
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
         self.eps = float(eps)
         offsets = np.asarray(decay_offsets, dtype=np.float64).reshape(-1)
         assert offsets.shape == (7,), offsets.shape
         # betas[0..6] are the doc's beta_1..beta_7.
-        self.betas = [sigmoid(logit(BETA0[j]) + float(offsets[j])) for j in range(7)]
+        if feature_set == "ada-v1":
+            self.betas = [sigmoid(logit(BETA0[j]) + float(offsets[j])) for j in range(7)]
+        else:  # beta = 1 - exp(10 p), p = log(1 - beta0)/10 + offset; clip(0, 1) from beta_4 on
+            self.betas = [1.0 - math.exp(10.0 * (math.log(1.0 - BETA0[j]) / 10.0 + offsets[j]))
+                          for j in range(7)]
+            self.betas = self.betas[:3] + [min(max(b, 0.0), 1.0) for b in self.betas[3:]]
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
         self.t = 0
         # Per leaf state, all in the view shape.
@@ -154,6 +162,8 @@ class Learned:
 
     def _leaf_features(self, idx, w, delta):
         """Update leaf idx's accumulators and return its (N, n_in) feature matrix."""
+        if self.feature_set == "ada-v2":
+            return self._leaf_features_v2(idx, w, delta)
         shape = self.shapes[idx]
         view, ra, ca = factor_axes(shape)
         b = self.betas
@@ -220,6 +230,69 @@ class Learned:
         columns = [normalize(f).reshape(n) for f in feats]
         for x in TIME_SCALES:
             columns.append(np.full(n, math.tanh(self.t / float(x))))
+        out = np.stack(columns, axis=1)
+        assert out.shape == (n, self.n_in), out.shape
+        return out
+
+    def _leaf_features_v2(self, idx, w, delta):
+        """ada-v2, in the authors' layout: w, Δ and m in the tensor's own shape; factored
+        statistics of rank >= 2 with the reduced axis deleted; a full second moment otherwise."""
+        shape = self.shapes[idx]
+        b = self.betas
+        st = self.state[idx].setdefault("v2", {})
+        w = np.asarray(w, dtype=np.float64).reshape(shape)
+        if self.k is None:
+            d = np.asarray(delta, dtype=np.float64)
+            chans = [d]
+        else:
+            chans = list(np.asarray(delta, dtype=np.float64))
+            d = np.mean(np.asarray(delta, dtype=np.float64), axis=0)
+        g2 = d * d + 1e-30
+        if not st:
+            st["m"] = [np.zeros(shape) for _ in range(3)]
+            st["rms"] = np.zeros(shape)
+        for i in range(3):
+            st["m"][i] = b[i] * st["m"][i] + (1 - b[i]) * d
+        st["rms"] = b[3] * st["rms"] + (1 - b[3]) * d * d
+        m, rms = st["m"], st["rms"]
+
+        def rsqrt_safe(x):
+            return 1.0 / np.sqrt(np.maximum(x, 1e-9))
+
+        feats = [w, *m, rms, *[mi / np.sqrt(rms + 1e-6) for mi in m], 1 / np.sqrt(rms + 1e-6)]
+        if len(shape) >= 2:
+            order = np.argsort(np.asarray(shape), kind="stable")
+            d1, d0 = int(order[-2]), int(order[-1])
+            if "vr" not in st:
+                st["vr"] = [np.zeros(np.delete(shape, d0)) for _ in range(3)]
+                st["vc"] = [np.zeros(np.delete(shape, d1)) for _ in range(3)]
+            for i in range(3):
+                bi = b[4 + i]
+                st["vr"][i] = bi * st["vr"][i] + (1 - bi) * np.mean(g2, axis=d0)
+                st["vc"][i] = bi * st["vc"][i] + (1 - bi) * np.mean(g2, axis=d1)
+            red_d1 = d1 - 1 if d1 > d0 else d1
+            rowf = [np.broadcast_to(np.expand_dims(vr, d0), shape) for vr in st["vr"]]
+            colf = [np.broadcast_to(np.expand_dims(vc, d1), shape) for vc in st["vc"]]
+            facs = []
+            for vr, vc in zip(st["vr"], st["vc"]):
+                row_factor = rsqrt_safe(vr / (np.mean(vr, axis=red_d1, keepdims=True) + 1e-9))
+                facs.append(np.expand_dims(row_factor, d0) * np.expand_dims(rsqrt_safe(vc), d1))
+            fac_g = [d * f for f in facs]
+            fac_m = [mi * f for mi, f in zip(m, facs)]
+        else:
+            if "vd" not in st:
+                st["vd"] = [np.zeros(shape) for _ in range(3)]
+            for i in range(3):
+                st["vd"][i] = b[4 + i] * st["vd"][i] + (1 - b[4 + i]) * g2
+            rowf = colf = st["vd"]
+            fac_g = [d * rsqrt_safe(v + 1e-9) for v in st["vd"]]
+            fac_m = [mi * (v + 1e-6) ** -0.5 for mi, v in zip(m, st["vd"])]
+        feats += fac_g + list(rowf) + list(colf)
+        feats += [1 / np.sqrt(x + 1e-8) for x in rowf] + [1 / np.sqrt(x + 1e-8) for x in colf]
+        feats += fac_m + chans
+        n = int(np.prod(shape)) if len(shape) else 1
+        columns = [f.reshape(n) / np.sqrt(1e-5 + np.mean(np.square(f))) for f in feats]
+        columns += [np.full(n, math.tanh(self.t / float(x) - 1.0)) for x in TIME_SCALES]
         out = np.stack(columns, axis=1)
         assert out.shape == (n, self.n_in), out.shape
         return out

@@ -47,28 +47,31 @@ def test_factor_rule_matches_reference_for_any_shape(shape):
 
 def _jax_features(meta, params, deltas, rounds, k=None):
   """Feature matrices per round and leaf, from the package's functions."""
-  logits = meta.decay_logits()
+  fset = meta.config.feature_set
+  dec = meta.decay_rates()
   accs = {n: features.init_accumulators(p) for n, p in params.items()}
   out = []
   for t in range(rounds):
-    tf = features.time_features(jnp.int32(t))
+    tf = features.time_features(jnp.int32(t), fset)
     per_leaf = {}
     for n, p in params.items():
       d = deltas[t][n]
       mean_d = d if k is None else jnp.mean(d, axis=0)
-      accs[n] = features.update_accumulators(accs[n], mean_d, logits)
+      accs[n] = features.update_accumulators(accs[n], mean_d, dec, fset)
       chans = mean_d[None] if k is None else d
-      x = features.tensor_features(accs[n], p, mean_d, chans)
+      x = features.tensor_features(accs[n], p, mean_d, chans, feature_set=fset)
       per_leaf[n] = np.concatenate([x, np.broadcast_to(tf, (x.shape[0], 11))], axis=1)
     out.append(per_leaf)
   return out
 
 
+@pytest.mark.parametrize("fset, offset_scale", [("ada-v2", 0.05), ("ada-v1", 0.5)])
 @pytest.mark.parametrize("k", [None, 1, 8])
-def test_features_match_reference(k):
+def test_features_match_reference(k, fset, offset_scale):
   rounds = 4
   key = jax.random.PRNGKey(1)
-  meta = random_meta(ol.init_lopt_a(key) if k is None else ol.init_lagg_a(key, k))
+  meta = random_meta(ol.init_lopt_a(key, feature_set=fset) if k is None
+                     else ol.init_lagg_a(key, k, feature_set=fset), offset_scale=offset_scale)
   params = make_params(0)
   rng = np.random.default_rng(2)
   lead = () if k is None else (k,)
@@ -76,7 +79,8 @@ def test_features_match_reference(k):
              for n, p in params.items()} for _ in range(rounds)]
   got = _jax_features(meta, params, deltas, rounds, k)
   r = ref.Learned({n: np.asarray(v) for n, v in meta.mlp.items()},
-                  np.asarray(meta.decay_offsets), [p.shape for p in params.values()], k=k)
+                  np.asarray(meta.decay_offsets), [p.shape for p in params.values()], k=k,
+                  feature_set=fset)
   names = list(params)
   for t in range(rounds):
     want = r.features([np.asarray(params[n]) for n in names],
@@ -87,9 +91,9 @@ def test_features_match_reference(k):
       np.testing.assert_allclose(got[t][n], w, rtol=2e-4, atol=2e-5, err_msg=f"{n} round {t}")
 
 
-def test_normalized_columns_have_unit_second_moment():
+def test_normalized_columns_have_unit_second_moment_in_ada_v1():
   params = make_params(3)
-  meta = ol.init_lopt_a(jax.random.PRNGKey(0))
+  meta = ol.init_lopt_a(jax.random.PRNGKey(0), feature_set="ada-v1")
   deltas = [jax.tree.map(lambda p: 0.01 * p + 0.001, params)]
   x = _jax_features(meta, params, deltas, 1)[0]["dense"]
   np.testing.assert_allclose(np.mean(x[:, :28] ** 2, axis=0), 1.0, rtol=1e-5)
@@ -98,13 +102,13 @@ def test_normalized_columns_have_unit_second_moment():
 def test_rank_one_factored_moment_is_full_second_moment():
   """For a vector, delta * fac_i equals delta / sqrt(EMA(delta^2)) with decay beta_{4+i}."""
   rng = np.random.default_rng(0)
-  logits = features.decay_logits(jnp.zeros(7), features.INITIAL_DECAYS)
+  dec = features.decays(jnp.zeros(7), features.INITIAL_DECAYS, "ada-v1")
   acc = features.init_accumulators(jnp.zeros(9))
   ema = np.zeros((3, 9))
   betas = np.asarray(features.INITIAL_DECAYS[4:7])[:, None]
   for _ in range(5):
     d = rng.normal(size=9).astype(np.float32)
-    acc = features.update_accumulators(acc, jnp.asarray(d), logits)
+    acc = features.update_accumulators(acc, jnp.asarray(d), dec, "ada-v1")
     ema = betas * ema + (1 - betas) * d.astype(np.float64) ** 2
   row = np.asarray(acc.row)[..., 0]
   rf = 1 / np.sqrt(row / row.mean(axis=1, keepdims=True))
@@ -121,14 +125,14 @@ def test_normalize_is_scale_free_and_never_overflows(scale, n):
   assert ms == 0.0 if float(jnp.max(jnp.abs(x))) == 0 else abs(ms - 1) < 1e-5
 
 
-def test_time_features():
-  tf = features.time_features(jnp.int32(30))
+def test_ada_v1_time_features():
+  tf = features.time_features(jnp.int32(30), "ada-v1")
   np.testing.assert_allclose(tf, np.tanh(30 / np.asarray(ref.TIME_SCALES)), rtol=1e-6)
-  assert np.all(features.time_features(jnp.int32(0)) == 0)
+  assert np.all(features.time_features(jnp.int32(0), "ada-v1") == 0)
 
 
-def test_decays_stay_in_unit_interval_and_start_at_defaults():
-  meta = ol.init_lopt_a(jax.random.PRNGKey(0))
+def test_ada_v1_decays_stay_in_unit_interval_and_start_at_defaults():
+  meta = ol.init_lopt_a(jax.random.PRNGKey(0), feature_set="ada-v1")
   np.testing.assert_allclose(meta.decays(), ref.BETA0, rtol=1e-6)
   big = type(meta)(meta.mlp, jnp.full((7,), -50.0), meta.config)
   assert np.all((big.decays() >= 0) & (big.decays() < 1))

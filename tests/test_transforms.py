@@ -76,12 +76,20 @@ def test_slowmo_matches_reference(alpha, beta, gamma):
 def _ref_learned(meta, params, k=None):
   return ref.Learned({n: np.asarray(v) for n, v in meta.mlp.items()},
                      np.asarray(meta.decay_offsets),
-                     [p.shape for p in jax.tree.leaves(params)], k=k)
+                     [p.shape for p in jax.tree.leaves(params)], k=k,
+                     feature_set=meta.config.feature_set)
 
 
+# ada-v2's decay offsets act on log(1 - beta) / 10, ten times more sensitively than ada-v1's
+# logits, so its random offsets are ten times smaller.
+FEATURE_SETS = [("ada-v2", 0.05), ("ada-v1", 0.5)]
+
+
+@pytest.mark.parametrize("feature_set, offset_scale", FEATURE_SETS)
 @pytest.mark.parametrize("jit", [True, False])
-def test_lopt_a_matches_reference(jit):
-  meta = random_meta(ol.init_lopt_a(jax.random.PRNGKey(3)))
+def test_lopt_a_matches_reference(jit, feature_set, offset_scale):
+  meta = random_meta(ol.init_lopt_a(jax.random.PRNGKey(3), feature_set=feature_set),
+                     offset_scale=offset_scale)
   params = make_params()
   deltas = _deltas(params, ROUNDS)
   got, state = _run(ol.lopt_a(meta), params, deltas, jit=jit)
@@ -91,9 +99,11 @@ def test_lopt_a_matches_reference(jit):
   assert state.count == ROUNDS
 
 
+@pytest.mark.parametrize("feature_set, offset_scale", FEATURE_SETS)
 @pytest.mark.parametrize("k", [1, 8])
-def test_lagg_a_matches_reference(k):
-  meta = random_meta(ol.init_lagg_a(jax.random.PRNGKey(4), k))
+def test_lagg_a_matches_reference(k, feature_set, offset_scale):
+  meta = random_meta(ol.init_lagg_a(jax.random.PRNGKey(4), k, feature_set=feature_set),
+                     offset_scale=offset_scale)
   params = make_params()
   deltas = _deltas(params, ROUNDS, k=k)
   got, _ = _run(ol.lagg_a(meta, k), params, deltas)
@@ -103,12 +113,12 @@ def test_lagg_a_matches_reference(k):
 
 def test_learned_update_depends_on_every_input_group():
   """Guards the comparison above against a reference and implementation that both ignore input."""
-  meta = random_meta(ol.init_lopt_a(jax.random.PRNGKey(5)))
+  meta = random_meta(ol.init_lopt_a(jax.random.PRNGKey(5), feature_set="ada-v1"))
   params = make_params()
   (d,) = _deltas(params, 1)
   tx = ol.lopt_a(meta)
   base, _ = tx.update(d, tx.init(params), params)
-  # Not a rescaling: every feature is normalised per tensor, so scale alone is invisible.
+  # Not a rescaling: ada-v1 normalises every feature per tensor, so scale alone is invisible.
   for changed in ({"params": make_params(seed=9), "d": d},
                   {"params": params, "d": jax.tree.map(lambda x: x[::-1] if x.ndim else -x, d)}):
     u, _ = tx.update(changed["d"], tx.init(params), changed["params"])

@@ -1,8 +1,17 @@
 """Ada features of the learned server optimizers (paper section 3.2, appendix A, Table 4).
 
-The exact definition, including the choices the paper leaves open (epsilon, how tensors of rank
-0, 1 and >= 3 are factored), is ``docs/features.md``; this module implements it for one
-parameter tensor at a time. Everything is a pure function of arrays, so the transforms in
+Two versions exist, named in every weight file's metadata (``LearnedOptimizerConfig.feature_set``):
+
+* ``"ada-v2"`` (the default for new meta-parameters): the authors' semantics
+  (``lefameuxbeding/learned_aggregation``, built on ``google/learned_optimization``): the
+  second-moment normaliser ``x * rsqrt(1e-5 + mean(x**2))``, which keeps the scale of small
+  features, time features ``tanh(t/x - 1)``, decays ``1 - exp(10 p)``, the small epsilons inside
+  the reciprocal square roots, and an unfactored second moment for rank-0 and rank-1 tensors.
+* ``"ada-v1"``: what the package shipped first (scale-free normaliser, ``tanh(t/x)``, logit
+  decays); kept so that weights meta-trained with it give the same numbers.
+
+The exact definitions are ``docs/features.md``; this module implements them for one parameter
+tensor at a time. Everything is a pure function of arrays, so the transforms in
 :mod:`optax_localsgd.transforms` can ``jax.tree.map`` it over a params pytree.
 """
 
@@ -24,6 +33,23 @@ NUM_TIME_FEATURES = len(TIME_SCALES)
 NUM_ACCUMULATOR_FEATURES = 27
 EPS = 1e-10
 _FLT_MIN = float(np.finfo(np.float32).tiny)
+FEATURE_SETS = ("ada-v1", "ada-v2")
+DEFAULT_FEATURE_SET = "ada-v2"
+# ada-v2: the authors' constants (learned_optimization's adafac_mlp_lopt.py and common.py).
+V2_NORMALIZER_EPS = 1e-5  # second_moment_normalizer
+V2_RMS_EPS = 1e-6  # rsqrt(v + 1e-6)
+V2_FACTOR_EPS = 1e-8  # rsqrt(row + 1e-8), rsqrt(col + 1e-8)
+V2_SAFE_FLOOR = 1e-9  # safe_rsqrt(x) = rsqrt(max(x, 1e-9)); also "+ 1e-9" under the row mean
+V2_GRAD_SQR_EPS = 1e-30  # added to delta**2 in the factored accumulators
+V2_DECAY_SCALE = 10.0  # beta = 1 - exp(10 p)
+
+
+def check_feature_set(feature_set: str) -> str:
+  """``feature_set`` if it is a known version, else a ``ValueError`` naming the known ones."""
+  if feature_set not in FEATURE_SETS:
+    raise ValueError(f"Unknown feature set {feature_set!r}; this version of optax-localsgd "
+                     f"computes {', '.join(FEATURE_SETS)}.")
+  return feature_set
 
 
 def num_features(num_delta_channels: int) -> int:
@@ -38,13 +64,48 @@ def num_features(num_delta_channels: int) -> int:
 
 
 def decay_logits(offsets: jax.Array, initial: tuple[float, ...]) -> jax.Array:
-  """``logit(initial) + offsets``; the decays are ``sigmoid`` of this (always in (0, 1)).
-
-  Accumulators are updated from the logits, with ``1 - beta = sigmoid(-logit)``, because
-  ``1 - beta`` computed from a float32 ``beta`` near 0.999 loses four digits.
-  """
+  """ada-v1: ``logit(initial) + offsets``; the decays are ``sigmoid`` of this (in (0, 1))."""
   b0 = np.asarray(initial, np.float64)
   return jnp.asarray(np.log(b0 / (1 - b0)), jnp.float32) + offsets
+
+
+class Decays(NamedTuple):
+  """The seven decays as ``keep = beta`` and ``mix = 1 - beta``, each ``(7,)`` float32.
+
+  Both are kept because ``1 - beta`` computed from a float32 ``beta`` near 0.999 loses four
+  digits; each version computes ``mix`` directly from its parametrisation.
+  """
+  keep: jax.Array
+  mix: jax.Array
+
+
+def decays(offsets: jax.Array, initial: tuple[float, ...],
+           feature_set: str = DEFAULT_FEATURE_SET) -> Decays:
+  """The decays beta_1..7 from the meta-learned ``offsets`` (Table 4).
+
+  * ada-v1: ``beta = sigmoid(logit(beta0) + offset)``, always in (0, 1).
+  * ada-v2 (the authors'): ``beta = 1 - exp(10 (p0 + offset))`` with
+    ``p0 = log(1 - beta0) / 10``. As in the authors' accumulators, the second-moment decays
+    (beta_4..7) are clipped to [0, 1] and the momentum decays (beta_1..3) are not.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_localsgd.features import decays, INITIAL_DECAYS
+    >>> d = decays(jnp.zeros(7).at[0].set(0.1), INITIAL_DECAYS, "ada-v2")
+    >>> round(float(d.mix[0]), 6)  # 1 - beta_1 = 0.1 * e: an offset of 0.1 scales it by e
+    0.271828
+  """
+  check_feature_set(feature_set)
+  offsets = jnp.asarray(offsets, jnp.float32)
+  if feature_set == "ada-v1":
+    z = decay_logits(offsets, initial)
+    return Decays(jax.nn.sigmoid(z), jax.nn.sigmoid(-z))
+  b0 = np.asarray(initial, np.float64)
+  p = jnp.asarray(np.log1p(-b0) / V2_DECAY_SCALE, jnp.float32) + offsets
+  mix = jnp.exp(V2_DECAY_SCALE * p)
+  clipped = jnp.arange(NUM_DECAYS) >= 3  # rms and factored decays: clip(beta, 0, 1)
+  mix = jnp.where(clipped, jnp.minimum(mix, 1.0), mix)
+  return Decays(1.0 - mix, mix)
 
 
 class FactorSpec(NamedTuple):
@@ -106,28 +167,37 @@ def init_accumulators(param: jax.Array) -> AdaAccumulators:
       row=z((3,) + tuple(row_shape)), col=z((3,) + tuple(col_shape)))
 
 
-def _ema(acc, x, logits):
-  z = logits.reshape((-1,) + (1,) * (acc.ndim - 1))
-  return jax.nn.sigmoid(z) * acc + jax.nn.sigmoid(-z) * x
+def _ema(acc, x, dec: Decays, sl: slice):
+  shape = (-1,) + (1,) * (acc.ndim - 1)
+  return dec.keep[sl].reshape(shape) * acc + dec.mix[sl].reshape(shape) * x
 
 
-def update_accumulators(acc: AdaAccumulators, delta: jax.Array,
-                        logits: jax.Array) -> AdaAccumulators:
+def update_accumulators(acc: AdaAccumulators, delta: jax.Array, dec: Decays,
+                        feature_set: str = DEFAULT_FEATURE_SET) -> AdaAccumulators:
   """Advance the accumulators by one round with the averaged delta (float32).
+
+  For a rank-0 or rank-1 tensor the view is ``(n, 1)``, so ``row`` is the full second moment
+  at decays beta_5..7: ada-v2's unfactored branch reads it as such.
 
   Args:
     acc: the accumulators of one tensor.
     delta: this round's averaged delta, shape of the tensor.
-    logits: ``(7,)`` decay logits (:func:`decay_logits`).
+    dec: the decays (:func:`decays`).
+    feature_set: ``"ada-v2"`` adds the authors' 1e-30 to ``delta**2`` in the factored
+      accumulators; ``"ada-v1"`` does not.
   """
   delta = delta.astype(jnp.float32)
   spec = factor_spec(delta.shape)
   d2 = jnp.square(delta).reshape(spec.view_shape)
+  if check_feature_set(feature_set) == "ada-v2":
+    d2 = d2 + V2_GRAD_SQR_EPS
   return AdaAccumulators(
-      m=_ema(acc.m, delta[None], logits[0:3]),
-      v=_ema(acc.v[None], jnp.square(delta)[None], logits[3:4])[0],
-      row=_ema(acc.row, jnp.mean(d2, axis=spec.col_axis, keepdims=True)[None], logits[4:7]),
-      col=_ema(acc.col, jnp.mean(d2, axis=spec.row_axis, keepdims=True)[None], logits[4:7]),
+      m=_ema(acc.m, delta[None], dec, slice(0, 3)),
+      v=_ema(acc.v[None], jnp.square(delta)[None], dec, slice(3, 4))[0],
+      row=_ema(acc.row, jnp.mean(d2, axis=spec.col_axis, keepdims=True)[None], dec,
+               slice(4, 7)),
+      col=_ema(acc.col, jnp.mean(d2, axis=spec.row_axis, keepdims=True)[None], dec,
+               slice(4, 7)),
   )
 
 
@@ -136,21 +206,43 @@ def _rsqrt(x, eps):
 
 
 def normalize(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """``x / sqrt(mean(x**2))`` over ``axes``; 0 where that is 0; safe where ``x**2`` overflows."""
+  """ada-v1: ``x / sqrt(mean(x**2))`` over ``axes``; 0 where that is 0; safe where ``x**2``
+  overflows. Scale-free: the result does not depend on how large ``x`` is."""
   scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
   y = jnp.where(scale > 0, x / jnp.where(scale > 0, scale, 1.0), 0.0)
   ms = jnp.mean(jnp.square(y), axis=axes, keepdims=True)
   return jnp.where(ms > 0, y * jax.lax.rsqrt(jnp.where(ms > 0, ms, 1.0)), 0.0)
 
 
-def time_features(count: jax.Array) -> jax.Array:
-  """The 11 features ``tanh(t / x)``, shape ``(11,)``; ``t`` is the round counter."""
-  t = jnp.asarray(count, jnp.float32)
-  return jnp.tanh(t / jnp.asarray(TIME_SCALES, jnp.float32))
+def second_moment_normalize(x: jax.Array, axes: tuple[int, ...],
+                            eps: float = V2_NORMALIZER_EPS) -> jax.Array:
+  """ada-v2: ``x * rsqrt(eps + mean(x**2))`` over ``axes`` (the authors' normaliser).
+
+  The ``eps`` keeps the scale of small features: a column whose mean square is well below
+  ``eps`` comes out about ``x / sqrt(eps)``, so the update can depend on how large Δ is.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from optax_localsgd.features import second_moment_normalize
+    >>> second_moment_normalize(jnp.asarray([3.0, 4.0]), axes=(0,)).round(4)  # mean x^2 = 12.5
+    Array([0.8485, 1.1314], dtype=float32)
+  """
+  return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
+def time_features(count: jax.Array, feature_set: str = DEFAULT_FEATURE_SET) -> jax.Array:
+  """The 11 time features, shape ``(11,)``; ``t`` is the round counter (0 in the first round).
+
+  ada-v2: ``tanh(t / x - 1)`` (the authors'); ada-v1: ``tanh(t / x)``; ``x`` in
+  :data:`TIME_SCALES`. They are not normalised.
+  """
+  t = jnp.asarray(count, jnp.float32) / jnp.asarray(TIME_SCALES, jnp.float32)
+  return jnp.tanh(t - 1.0 if check_feature_set(feature_set) == "ada-v2" else t)
 
 
 def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
-                    delta_channels: jax.Array, eps: float = EPS) -> jax.Array:
+                    delta_channels: jax.Array, eps: float = EPS,
+                    feature_set: str = DEFAULT_FEATURE_SET) -> jax.Array:
   """The normalised, per-parameter features of one tensor, without the time features.
 
   Args:
@@ -159,12 +251,15 @@ def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
     delta: the averaged delta (same shape as ``param``).
     delta_channels: ``(C,) + shape``: the delta channel(s) fed to the MLP: ``delta[None]``
       for LOpt-A, the K worker deltas for LAgg-A.
-    eps: floor under reciprocal square roots.
+    eps: ada-v1 only: floor under reciprocal square roots (ada-v2 has the authors' own).
+    feature_set: ``"ada-v2"`` or ``"ada-v1"``.
 
   Returns:
     float32 array ``(param.size, 27 + C)`` in the column order of ``docs/features.md``
     (the time features, identical for all parameters, are added by the caller).
   """
+  if check_feature_set(feature_set) == "ada-v2":
+    return _tensor_features_v2(acc, param, delta, delta_channels)
   spec = factor_spec(param.shape)
   view = (3,) + spec.view_shape
   ra, ca = spec.row_axis + 1, spec.col_axis + 1  # +1 for the leading decay axis.
@@ -184,3 +279,43 @@ def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
   ]
   stacked = jnp.concatenate(chans, axis=0).reshape(-1, param.size)  # (F, N)
   return normalize(stacked, axes=(1,)).T
+
+
+def _tensor_features_v2(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
+                        delta_channels: jax.Array) -> jax.Array:
+  """ada-v2 features (docs/features.md, "ada-v2"); same column order as ada-v1."""
+  spec = factor_spec(param.shape)
+  vshape = spec.view_shape
+  view = (3,) + vshape
+  safe_rsqrt = lambda x: jax.lax.rsqrt(jnp.maximum(x, V2_SAFE_FLOOR))
+  tile = lambda x: jnp.broadcast_to(x, view)
+  m = acc.m.reshape(view)
+  v = acc.v.reshape(vshape)[None]
+  d = delta.astype(jnp.float32).reshape(vshape)[None]
+  rsqrt_v = jax.lax.rsqrt(v + V2_RMS_EPS)
+  if param.ndim >= 2:
+    # The authors' factored dims: d0 the largest axis, d1 the second (ties to the later axis);
+    # v_row averages over d0, v_col over d1. Our ``row`` averages over col_axis.
+    ra, ca = spec.row_axis, spec.col_axis
+    d0_is_col = (vshape[ca], ca) > (vshape[ra], ra)
+    v_row, v_col = (acc.row, acc.col) if d0_is_col else (acc.col, acc.row)
+    d1 = (ra if d0_is_col else ca) + 1  # +1 for the leading decay axis
+    row_mean = jnp.mean(v_row, axis=d1, keepdims=True)
+    fac = safe_rsqrt(v_row / (row_mean + V2_SAFE_FLOOR)) * safe_rsqrt(v_col)
+    row_feat, col_feat = tile(v_row), tile(v_col)
+    fac_g, fac_m = d * fac, m * fac
+  else:
+    # Unfactored (rank 0 and 1), the authors' "match what RMSProp does" branch: ``row`` is the
+    # full second moment at decays beta_5..7 in the (n, 1) view.
+    v_full = tile(acc.row)
+    row_feat = col_feat = v_full
+    fac_g = d * safe_rsqrt(v_full + V2_SAFE_FLOOR)
+    fac_m = m * jax.lax.rsqrt(v_full + V2_RMS_EPS)
+  chans = [
+      param.astype(jnp.float32).reshape(vshape)[None], m, v, m * rsqrt_v, rsqrt_v, fac_g,
+      row_feat, col_feat, jax.lax.rsqrt(row_feat + V2_FACTOR_EPS),
+      jax.lax.rsqrt(col_feat + V2_FACTOR_EPS), fac_m,
+      delta_channels.astype(jnp.float32).reshape((-1,) + vshape),
+  ]
+  stacked = jnp.concatenate(chans, axis=0).reshape(-1, param.size)  # (F, N)
+  return second_moment_normalize(stacked, axes=(1,)).T

@@ -19,7 +19,7 @@ import numpy as np
 
 from optax_localsgd import features
 
-FEATURE_SET_VERSION = "ada-v1"
+FEATURE_SET_VERSION = features.DEFAULT_FEATURE_SET  # of new meta-parameters
 SIGN_CONVENTION = "delta = old - new"
 Kind = Literal["lopt_a", "lagg_a"]
 
@@ -36,8 +36,11 @@ class LearnedOptimizerConfig:
     step_mult: lambda_1 in ``update = -lambda_1 * d * exp(lambda_2 * m)``.
     exp_mult: lambda_2 in the same rule.
     initial_decays: beta_1..beta_7 when all decay offsets are 0.
-    eps: floor of the second-moment quantities under a reciprocal square root.
-    feature_set: version tag of the feature definition in ``docs/features.md``.
+    eps: ada-v1 only: floor of the second-moment quantities under a reciprocal square root
+      (ada-v2 uses the authors' epsilons).
+    feature_set: version of the feature definition in ``docs/features.md``: ``"ada-v2"``
+      (the authors' semantics, the default) or ``"ada-v1"`` (the package's first version,
+      kept so that weights meta-trained with it keep their numbers).
     sign_convention: the meaning of the input deltas.
   """
 
@@ -66,6 +69,7 @@ class LearnedOptimizerConfig:
           f"{len(self.initial_decays)}.")
     if not all(0.0 < b < 1.0 for b in self.initial_decays):
       raise ValueError(f"initial_decays must lie in (0, 1): {self.initial_decays}.")
+    features.check_feature_set(self.feature_set)
 
   @property
   def num_delta_channels(self) -> int:
@@ -88,7 +92,8 @@ class MetaParams:
 
   Attributes:
     mlp: dict with ``w0 (n_in, h), b0 (h,), w1 (h, h), b1 (h,), w2 (h, 2), b2 (2,)``.
-    decay_offsets: shape ``(7,)``; ``beta_j = sigmoid(logit(beta0_j) + offset_j)``.
+    decay_offsets: shape ``(7,)``; ada-v2: ``beta_j = 1 - exp(10 (log(1 - beta0_j)/10 +
+      offset_j))``; ada-v1: ``beta_j = sigmoid(logit(beta0_j) + offset_j)``.
     config: the static :class:`LearnedOptimizerConfig` (not a pytree leaf).
   """
 
@@ -96,13 +101,14 @@ class MetaParams:
   decay_offsets: jax.Array
   config: LearnedOptimizerConfig = dataclasses.field(metadata=dict(static=True))
 
-  def decay_logits(self) -> jax.Array:
-    """``logit(beta_1..beta_7)``, shape ``(7,)``."""
-    return features.decay_logits(self.decay_offsets, self.config.initial_decays)
+  def decay_rates(self) -> features.Decays:
+    """beta_1..beta_7 and 1 - beta_1..7 under this config's feature set."""
+    return features.decays(self.decay_offsets, self.config.initial_decays,
+                           self.config.feature_set)
 
   def decays(self) -> jax.Array:
-    """The seven decays beta_1..beta_7, each in (0, 1)."""
-    return jax.nn.sigmoid(self.decay_logits())
+    """The seven decays beta_1..beta_7, shape ``(7,)``."""
+    return self.decay_rates().keep
 
   def num_mlp_params(self) -> int:
     """Number of MLP weights (2402 for LOpt-A; decays are counted separately)."""

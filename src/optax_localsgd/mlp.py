@@ -66,7 +66,7 @@ def reference_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: 
                         time_feats: jax.Array) -> jax.Array:
   """Features, MLP and ``update = -lambda_1 * d * exp(lambda_2 * m)`` for one tensor."""
   cfg = meta.config
-  x = features.tensor_features(acc, param, delta, delta_channels, cfg.eps)
+  x = features.tensor_features(acc, param, delta, delta_channels, cfg.eps, cfg.feature_set)
   d, m = mlp_apply(meta.mlp, x, time_feats)
   update = -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m)
   return update.reshape(param.shape)

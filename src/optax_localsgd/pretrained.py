@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import features
-from optax_localsgd.meta_params import (FEATURE_SET_VERSION, SIGN_CONVENTION,
+from optax_localsgd.meta_params import (SIGN_CONVENTION,
                                         LearnedOptimizerConfig, MetaParams, mlp_shapes)
 
 FORMAT = "optax-localsgd-weights"
@@ -394,13 +394,13 @@ def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig
     raise ValueError(f"Weight file {path}: unknown config fields {unknown} (written by a "
                      f"newer optax-localsgd?).")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+  # Files written before feature sets had versions were all ada-v1; never let them silently
+  # pick up the newer default.
+  kwargs.setdefault("feature_set", "ada-v1")
   try:
     cfg = LearnedOptimizerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"Weight file {path}: invalid config: {e}") from e
-  if cfg.feature_set != FEATURE_SET_VERSION:
-    raise ValueError(f"Weight file {path} was trained on feature set {cfg.feature_set!r}; "
-                     f"this version of optax-localsgd computes {FEATURE_SET_VERSION!r}.")
   if cfg.sign_convention != SIGN_CONVENTION:
     raise ValueError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
                      f"this version of optax-localsgd uses {SIGN_CONVENTION!r}.")

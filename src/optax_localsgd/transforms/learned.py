@@ -58,13 +58,14 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
     else:
       _validation.check_deltas_match(
           updates, params, leading=(num_workers,), what="worker deltas")
-    logits = meta_params.decay_logits()
-    time_feats = features.time_features(state.count)
+    dec = meta_params.decay_rates()
+    fset = meta_params.config.feature_set
+    time_feats = features.time_features(state.count, fset)
 
     def one(p, d, acc):
       mean_d = d if num_workers is None else jnp.mean(d.astype(jnp.float32), axis=0)
       channels = mean_d[None] if num_workers is None else d
-      acc = features.update_accumulators(acc, mean_d, logits)
+      acc = features.update_accumulators(acc, mean_d, dec, fset)
       step = leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
       return step.astype(p.dtype), acc
 
