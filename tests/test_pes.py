@@ -62,4 +62,15 @@ def test_non_finite_pairs_are_ignored_and_flagged():
   assert np.all(np.isfinite(est.grad["t"]))
   xi, losses = np.asarray(est.xi["t"]), np.asarray(est.losses)
   keep = xi[[0, 2]] * (losses[[0, 2], 0] - losses[[0, 2], 1])[:, None]
-  np.testing.assert_allclose(est.grad["t"], keep.sum(0) / (2 * 3 * SIGMA**2), rtol=1e-5)
+  # The mean over the two finite pairs.
+  np.testing.assert_allclose(est.grad["t"], keep.sum(0) / (2 * 2 * SIGMA**2), rtol=1e-5)
+
+
+def test_no_finite_pair_gives_no_estimate():
+  """Not a zero gradient, which momentum and weight decay would still step on: NaN, which the
+  meta-trainer's outer optimizer (optax.apply_if_finite) skips."""
+  theta = {"t": jnp.ones(3)}
+  unroll = lambda th, s, k: (s, jnp.nan * jnp.sum(th["t"]))
+  est = _estimate(unroll, theta, jnp.zeros((2, 2)), {"t": jnp.zeros((2, 3))}, 2,
+                  jax.random.PRNGKey(3))
+  assert not np.any(est.finite) and np.all(np.isnan(est.grad["t"]))

@@ -145,12 +145,14 @@ def cmd_meta_train(args) -> int:
   from optax_localsgd.meta.train import MetaTrainConfig, meta_train
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
-                  lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip)
+                  lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip,
+                  grad_clip=args.grad_clip)
   cfg = MetaTrainConfig(
       optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
-      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from)
+      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from,
+      feature_set=args.feature_set, output_init_scale=args.output_init_scale)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial)
@@ -304,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--loss-clip", type=float, default=None, metavar="FACTOR",
                  help="divergence guard: clip each round's meta-loss at FACTOR x the task's "
                  "loss at initialisation and restart pairs that stay there (default: off)")
+  m.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                 help="clip each PES estimate to this global norm before AdamW (default: off)")
   m.add_argument("--seed", type=int, default=0)
+  m.add_argument("--feature-set", default="ada-v2", choices=("ada-v2", "ada-v1"),
+                 help="features of a fresh init (default ada-v2, the authors' semantics)")
+  m.add_argument("--output-init-scale", type=float, default=1.0, metavar="S",
+                 help="factor on a fresh init's output-layer weights; 0 starts from an "
+                 "optimizer that takes no step (default 1, the authors' init)")
   m.add_argument("--init-from", default=None, metavar="NAME_OR_PATH",
                  help="start from these weights (same optimizer and K), e.g. to fine-tune "
                  "H=4 weights for another H; default: a fresh init from --seed")

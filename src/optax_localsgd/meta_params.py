@@ -124,7 +124,11 @@ def mlp_shapes(num_inputs: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
   }
 
 
-def _init(key: jax.Array, config: LearnedOptimizerConfig) -> MetaParams:
+def _init(key: jax.Array, config: LearnedOptimizerConfig,
+          output_init_scale: float = 1.0) -> MetaParams:
+  if not (math.isfinite(output_init_scale) and output_init_scale >= 0):
+    raise ValueError(f"output_init_scale must be a finite number >= 0, got "
+                     f"{output_init_scale}.")
   shapes = mlp_shapes(config.num_inputs, config.hidden_size)
   keys = jax.random.split(key, 3)
   mlp = {}
@@ -135,17 +139,23 @@ def _init(key: jax.Array, config: LearnedOptimizerConfig) -> MetaParams:
     mlp[f"w{i}"] = jax.random.truncated_normal(
         k, -2.0, 2.0, (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
     mlp[f"b{i}"] = jnp.zeros((fan_out,), jnp.float32)
+  mlp["w2"] = output_init_scale * mlp["w2"]
   return MetaParams(
       mlp=mlp,
       decay_offsets=jnp.zeros((features.NUM_DECAYS,), jnp.float32),
       config=config)
 
 
-def init_lopt_a(key: jax.Array, **config_overrides) -> MetaParams:
+def init_lopt_a(key: jax.Array, output_init_scale: float = 1.0,
+                **config_overrides) -> MetaParams:
   """Fresh (un-meta-trained) LOpt-A meta-parameters.
 
   Args:
     key: a ``jax.random`` key.
+    output_init_scale: factor on the initial output-layer weights ``w2`` (1: the authors'
+      init). 0 starts meta-training from an optimizer that takes no step at all, instead of
+      random steps that raise the loss (a meta-training choice, see ``docs/meta.md``; the
+      update rule is the same).
     **config_overrides: fields of :class:`LearnedOptimizerConfig` other than kind/K
       (e.g. ``hidden_size``).
 
@@ -161,15 +171,18 @@ def init_lopt_a(key: jax.Array, **config_overrides) -> MetaParams:
     >>> [round(float(b), 3) for b in meta.decays()]  # offsets start at 0
     [0.9, 0.99, 0.999, 0.999, 0.9, 0.99, 0.999]
   """
-  return _init(key, LearnedOptimizerConfig(kind="lopt_a", **config_overrides))
+  return _init(key, LearnedOptimizerConfig(kind="lopt_a", **config_overrides),
+               output_init_scale)
 
 
-def init_lagg_a(key: jax.Array, k: int, **config_overrides) -> MetaParams:
+def init_lagg_a(key: jax.Array, k: int, output_init_scale: float = 1.0,
+                **config_overrides) -> MetaParams:
   """Fresh (un-meta-trained) LAgg-A meta-parameters for exactly ``k`` workers.
 
   Args:
     key: a ``jax.random`` key.
     k: number of workers K; the MLP reads 38 + K features.
+    output_init_scale: factor on the initial output-layer weights (see :func:`init_lopt_a`).
     **config_overrides: other fields of :class:`LearnedOptimizerConfig`.
 
   Returns:
@@ -187,4 +200,4 @@ def init_lagg_a(key: jax.Array, k: int, **config_overrides) -> MetaParams:
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
     raise ValueError(f"init_lagg_a needs an integer k >= 1 (number of workers), got {k!r}.")
   return _init(key, LearnedOptimizerConfig(
-      kind="lagg_a", num_workers=int(k), **config_overrides))
+      kind="lagg_a", num_workers=int(k), **config_overrides), output_init_scale)

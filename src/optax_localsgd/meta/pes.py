@@ -26,7 +26,9 @@ class PESEstimate(NamedTuple):
   """Result of one antithetic PES step over ``n`` tasks.
 
   Attributes:
-    grad: gradient estimate, structured like theta; non-finite tasks contribute 0.
+    grad: gradient estimate, structured like theta: the mean over the pairs whose losses
+      are both finite (the others are left out); NaN when no pair is finite, so that the
+      outer optimizer's finiteness check skips the step.
     inner_states: advanced inner states, leading axes ``(n, 2)`` (``+``, ``-``).
     xi: accumulated perturbations after this truncation, leading axis ``n``.
     losses: ``(n, 2)`` meta-losses of the ``+`` and ``-`` particles.
@@ -76,8 +78,11 @@ def antithetic_pes(unroll: Unroll, theta: Any, inner_states: Any, xi: Any, keys:
   new_xi = jax.tree.map(jnp.add, xi, eps)
   finite = jnp.all(jnp.isfinite(losses), axis=1)
   diff = jnp.where(finite, losses[:, 0] - losses[:, 1], 0.0)
-  n = losses.shape[0]
-  scale = 1.0 / (2 * n * sigma**2)
+  n_ok = jnp.sum(finite)
+  # 1 / (2 n sigma^2) over the n finite pairs; no finite pair: no estimate at all (NaN), never a
+  # zero that an optimizer with momentum and weight decay would still step on.
+  scale = jnp.where(n_ok > 0, 1.0 / (2 * jnp.maximum(n_ok, 1) * sigma**2), jnp.nan)
   grad = jax.tree.map(
-      lambda x: scale * jnp.tensordot(diff.astype(x.dtype), x, axes=(0, 0)), new_xi)
+      lambda x: (scale * jnp.tensordot(diff.astype(x.dtype), x, axes=(0, 0))).astype(x.dtype),
+      new_xi)
   return PESEstimate(grad, new_states, new_xi, losses, finite)

@@ -37,7 +37,10 @@ class PESConfig:
     outer_steps: number of meta-gradient steps (sets the cosine schedule's length).
     lr_init, lr_peak, lr_end, warmup_steps: AdamW learning rate, linear warm-up from
       ``lr_init`` to ``lr_peak`` over ``warmup_steps``, then cosine decay to ``lr_end``.
-    weight_decay: AdamW weight decay.
+    weight_decay: AdamW weight decay, on the MLP weights only: the decay offsets are
+      excluded, so that it does not pull the decays back towards their initial values.
+    grad_clip: clip the PES estimate to this global norm before AdamW (not in the paper;
+      ``None``: off). Bounds the step one outlier estimate can cause through Adam's moments.
     loss_clip: divergence guard (not in the paper; ``None``: off). Each round's meta-loss is
       clipped at ``loss_clip`` times the task's loss at initialisation
       (:attr:`TaskGroup.init_loss`), so one runaway particle cannot dominate the estimate,
@@ -54,6 +57,20 @@ class PESConfig:
   warmup_steps: int = 100
   weight_decay: float = 1e-4
   loss_clip: float | None = None
+  grad_clip: float | None = None
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """The outer optimizer: [clip] + AdamW (decay offsets excluded from weight decay), wrapped
+    so that a step whose estimate is not finite leaves θ and the optimizer state untouched."""
+    # The mask is a MetaParams-shaped tree of bools, built from whatever θ it is applied to.
+    mask = lambda theta: dataclasses.replace(
+        jax.tree.map(lambda _: True, theta),
+        decay_offsets=False)
+    adamw = optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=mask)
+    inner = adamw if self.grad_clip is None else optax.chain(
+        optax.clip_by_global_norm(self.grad_clip), adamw)
+    # Large max_consecutive_errors: never give up and step with a non-finite estimate.
+    return optax.apply_if_finite(inner, max_consecutive_errors=2**30)
 
   def schedule(self) -> optax.Schedule:
     warmup = min(self.warmup_steps, self.outer_steps)
@@ -122,9 +139,19 @@ def _log_uniform_int(key, n, lo, hi):
   return jnp.round(jnp.exp(u)).astype(jnp.int32)
 
 
+def _init_key(key):
+  """The key of an inner problem's initial params: a stream of its own, apart from the
+  per-round keys ``fold_in(_round_key_base(key), r)`` that draw the minibatches."""
+  return jax.random.fold_in(key, 0)
+
+
+def _round_key_base(key):
+  return jax.random.fold_in(key, 1)
+
+
 def _fresh(group: TaskGroup, theta: MetaParams, key):
   """A new inner problem: the same fresh params for both signs, zero server state."""
-  params = group.task.init(jax.random.fold_in(key, 0))
+  params = group.task.init(_init_key(key))
   state = _server(theta).init(params)
   two = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
   return two(params), two(state)
@@ -144,7 +171,7 @@ def init_group(group: TaskGroup, theta: MetaParams, key, pcfg: PESConfig) -> Gro
 
 def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
                     pcfg: PESConfig) -> MetaState:
-  opt = optax.adamw(pcfg.schedule(), weight_decay=pcfg.weight_decay)
+  opt = pcfg.optimizer()
   keys = jax.random.split(key, len(groups) + 1)
   return MetaState(
       theta=theta, opt_state=opt.init(theta),
@@ -166,7 +193,7 @@ def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData,
 
     def body(carry, r):
       p, s = carry
-      p, s, m = round_fn(p, s, jax.random.fold_in(key, start + r), data)
+      p, s, m = round_fn(p, s, jax.random.fold_in(_round_key_base(key), start + r), data)
       loss = m["train_loss"]
       # NaN stays NaN (minimum propagates it), so the non-finite guard still sees it.
       return (p, s), loss if cap is None else jnp.minimum(loss, cap)
@@ -179,14 +206,12 @@ def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData,
 
 def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
   """``outer_step(state: MetaState, datas: tuple[DeviceData]) -> (state, metrics)``."""
-  opt = optax.adamw(pcfg.schedule(), weight_decay=pcfg.weight_decay)
-  n_total = sum(g.num_tasks for g in groups)
+  opt = pcfg.optimizer()
 
   def outer_step(state: MetaState, datas):
     key, k_step = jax.random.split(state.key)
     theta = state.theta
-    grad = jax.tree.map(jnp.zeros_like, theta)
-    new_groups, losses = [], []
+    new_groups, losses, ests = [], [], []
     n_bad = n_capped = jnp.zeros([], jnp.int32)
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
@@ -196,25 +221,38 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
       est = pes.antithetic_pes(
           lambda th, inner, ks: unroll(th, inner, ks), theta,
           (gs.params, gs.server_state), gs.xi, (gs.key, gs.rounds_done), eps, pcfg.sigma)
-      # Weight each group by its share of particles: the estimate is a mean over all of them.
-      w = group.num_tasks / n_total
-      grad = jax.tree.map(lambda a, b: a + w * b, grad, est.grad)
+      ests.append(est)
       losses.append(est.losses)
       n_bad = n_bad + jnp.sum(~est.finite)
       capped = jnp.zeros_like(est.finite) if cap is None else diverged(est.losses, cap)
       n_capped = n_capped + jnp.sum(capped)
       new_groups.append(_advance(group, gs, est, capped, theta, k_reset, pcfg))
-    mean_loss = jnp.mean(jnp.concatenate([jnp.where(jnp.isfinite(l), l, jnp.nan).reshape(-1)
-                                          for l in losses]))
+    # Each group's estimate is the mean over its finite pairs; weight it by its share of all the
+    # finite pairs. With none at all the estimate is NaN and the outer optimizer skips the step.
+    n_ok = [jnp.sum(e.finite) for e in ests]
+    total_ok = sum(n_ok)
+    grad = jax.tree.map(jnp.zeros_like, theta)
+    for e, k in zip(ests, n_ok):
+      w = k / jnp.maximum(total_ok, 1)
+      grad = jax.tree.map(lambda a, b: a + jnp.where(k > 0, w * b, 0.0), grad, e.grad)
+    grad = jax.tree.map(lambda g: jnp.where(total_ok > 0, g, jnp.nan), grad)
+    # Mean over the finite pairs only: one NaN pair (already ignored by the estimate) must not
+    # turn the logged meta-loss into NaN. NaN only when no pair is finite.
+    flat = jnp.concatenate([l.reshape(-1) for l in losses])
+    ok = jnp.isfinite(flat)
+    mean_loss = jnp.where(jnp.any(ok), jnp.sum(jnp.where(ok, flat, 0.0)) /
+                          jnp.maximum(jnp.sum(ok), 1), jnp.nan)
     grad_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grad)]))
-    grad = jax.tree.map(lambda g: jnp.where(grad_ok, g, 0.0), grad)
+    # apply_if_finite returns zero updates and the previous inner state for such a step.
     updates, opt_state = opt.update(grad, state.opt_state, theta)
     new_theta = optax.apply_updates(theta, updates)
     new_state = MetaState(
         theta=new_theta, opt_state=opt_state, groups=tuple(new_groups), key=key,
         step=state.step + 1, nonfinite_pairs=state.nonfinite_pairs + n_bad,
         nonfinite_grads=state.nonfinite_grads + (~grad_ok).astype(jnp.int32))
-    metrics = {"meta_loss": mean_loss, "lr": pcfg.schedule()(state.step),
+    # The schedule counts applied steps only (apply_if_finite does not advance it on a skip).
+    applied = state.step - state.nonfinite_grads
+    metrics = {"meta_loss": mean_loss, "lr": pcfg.schedule()(applied),
                "nonfinite_pairs": n_bad, "capped_pairs": n_capped, "grad_finite": grad_ok,
                "grad_norm": optax.tree.norm(grad)}
     return new_state, metrics
@@ -261,7 +299,7 @@ def evaluate_meta_loss(theta: MetaParams, group: TaskGroup, data: engine.DeviceD
 
   def one(seed):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 12345)
-    params = group.task.init(jax.random.fold_in(key, 0))
+    params = group.task.init(_init_key(key))
     return unroll(theta, (params, _server(theta).init(params)), (key, jnp.int32(0)))[1]
 
   return jnp.mean(jnp.stack([one(s) for s in seeds]))

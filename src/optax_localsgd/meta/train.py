@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import _version, data, engine, pretrained, tasks
+from optax_localsgd import _version, data, engine, features, pretrained, tasks
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
@@ -57,6 +57,9 @@ class MetaTrainConfig:
     data_dir: dataset directory (``None``: the loaders' search paths).
     init_from: start from these weights (a bundled name or a path) instead of a fresh init,
       e.g. to fine-tune H = 4 weights for H = 16; ``None``: fresh init from ``seed``.
+    feature_set: feature set of a fresh init (``"ada-v2"``, the authors'; or ``"ada-v1"``).
+    output_init_scale: factor on a fresh init's output-layer weights (1: the authors' init;
+      0: start from an optimizer that takes no step).
   """
   optimizer: str = "lopt_a"
   tasks: tuple[str, ...] = ("fmnist_mlp",)
@@ -70,6 +73,8 @@ class MetaTrainConfig:
   checkpoint_every: int = 100
   data_dir: str | None = None
   init_from: str | None = None
+  feature_set: str = "ada-v2"
+  output_init_scale: float = 1.0
 
   def __post_init__(self):
     if self.optimizer not in ("lopt_a", "lagg_a"):
@@ -85,6 +90,10 @@ class MetaTrainConfig:
                  "checkpoint_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    features.check_feature_set(self.feature_set)
+    if not (math.isfinite(self.output_init_scale) and self.output_init_scale >= 0):
+      raise ValueError(f"output_init_scale must be a finite number >= 0, got "
+                       f"{self.output_init_scale}.")
     if not (math.isfinite(self.local_lr) and self.local_lr > 0):
       raise ValueError(f"local_lr must be a positive finite number, got {self.local_lr}.")
     p = self.pes
@@ -95,6 +104,8 @@ class MetaTrainConfig:
     if p.loss_clip is not None and not (math.isfinite(p.loss_clip) and p.loss_clip > 1):
       raise ValueError(f"loss_clip must be a finite number > 1 (a multiple of the loss at "
                        f"initialisation), got {p.loss_clip}.")
+    if p.grad_clip is not None and not (math.isfinite(p.grad_clip) and p.grad_clip > 0):
+      raise ValueError(f"grad_clip must be a positive finite number, got {p.grad_clip}.")
 
   def identity(self) -> dict:
     """What a checkpoint must match to be resumed (everything that shapes the state)."""
@@ -105,6 +116,13 @@ class MetaTrainConfig:
       d.pop("init_from")  # runs started before the option existed keep their identity
     if self.pes.loss_clip is None:
       d["pes"].pop("loss_clip")  # likewise
+    if self.pes.grad_clip is None:
+      d["pes"].pop("grad_clip")  # likewise
+    # Fields added later leave the identity when at the value older runs implicitly had.
+    if self.feature_set == "ada-v1":
+      d.pop("feature_set")
+    if self.output_init_scale == 1.0:
+      d.pop("output_init_scale")
     d["tasks"] = list(self.tasks)
     return d
 
@@ -113,8 +131,9 @@ def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
   """Fresh meta-parameters from ``cfg.seed``, or ``cfg.init_from``'s after checking them."""
   if cfg.init_from is None:
     key = jax.random.PRNGKey(cfg.seed)
-    return (init_lopt_a(key) if cfg.optimizer == "lopt_a"
-            else init_lagg_a(key, cfg.workers))
+    kw = dict(feature_set=cfg.feature_set, output_init_scale=cfg.output_init_scale)
+    return (init_lopt_a(key, **kw) if cfg.optimizer == "lopt_a"
+            else init_lagg_a(key, cfg.workers, **kw))
   theta = pretrained.load(cfg.init_from, num_workers=cfg.workers)
   if theta.config.kind != cfg.optimizer:
     raise ValueError(f"--init-from {cfg.init_from} holds {theta.config.kind} weights, but "
@@ -237,6 +256,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
         "outer_steps": int(state.step), "outer_steps_planned": total,
         "pes": dataclasses.asdict(cfg.pes),
         "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
+        "output_init_scale": cfg.output_init_scale,
         "init_from": cfg.init_from,
         "init_from_sha256": (pretrained.file_sha256(pretrained.resolve(cfg.init_from))
                              if cfg.init_from else None),
