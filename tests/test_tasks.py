@@ -353,3 +353,29 @@ def test_standardization_constants():
     h = h @ np.asarray(params[f"Dense_{i}"]["kernel"]) + np.asarray(params[f"Dense_{i}"]["bias"])
     h = np.maximum(h, 0) if i < 2 else h
   np.testing.assert_allclose(jitted(task, "apply")(params, mean_img), h, rtol=1e-5, atol=1e-5)
+
+
+def test_task_specs_carry_overrides():
+  t = tasks.from_spec("fmnist_mlp:hidden=64x32,standardize=false")
+  assert t.model.hidden == (64, 32) and t.model.mean is None
+  assert tasks.parse_spec("fmnist_mlp") == ("fmnist_mlp", {})
+  with pytest.raises(ValueError, match="does not take override"):
+    tasks.from_spec("fmnist_mlp:bogus=1")
+  with pytest.raises(ValueError, match="expected NAME:key=value"):
+    tasks.from_spec("fmnist_mlp:standardize")
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    tasks.from_spec("nope:hidden=3")
+
+
+def test_bfloat16_mlp_keeps_float32_params_and_is_close_to_float32():
+  f32 = tasks.from_spec("fmnist_mlp")
+  bf16 = tasks.from_spec("fmnist_mlp:compute_dtype=bfloat16")
+  params = f32.init(jax.random.PRNGKey(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.init(jax.random.PRNGKey(0))))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.integers(0, 256, (64, 28, 28, 1)).astype(np.uint8),
+           "y": rng.integers(0, 10, 64).astype(np.int32)}
+  lf, lb = float(f32.loss(params, batch)), float(bf16.loss(params, batch))
+  assert lf != lb and abs(lf - lb) < 2e-2 * lf  # a different computation, a close answer
+  with pytest.raises(ValueError, match="compute_dtype must be float32 or bfloat16"):
+    tasks.from_spec("fmnist_mlp:compute_dtype=float16")

@@ -102,7 +102,7 @@ class SweepConfig:
 def _sweep_data(task_name: str, data_dir: str | None, workers: int, eval_examples: int):
   """(task, data on the device, eval batches, their sizes): loaded once per setting, not once
   per rung and method."""
-  task = tasks.get_task(task_name)
+  task = tasks.from_spec(task_name)
   arrays = trainer.load_split(task, "train", data_dir)
   dev_data = jax.device_put(engine.DeviceData(
       arrays, data.split_homogeneous(trainer.num_items(task, arrays), workers, SWEEP_SEED)))

@@ -30,7 +30,8 @@ class TrainConfig:
   """One training run.
 
   Attributes:
-    task: task name (``optax_localsgd.tasks.available_tasks()``).
+    task: task spec: a name (``optax_localsgd.tasks.available_tasks()``), optionally with
+      overrides (``"fmnist_mlp:standardize=false"``, see :func:`optax_localsgd.tasks.from_spec`).
     server: server optimizer name (``optax_localsgd.servers.available_servers()``).
     workers: K. local_steps: H. batch_size: B per worker per local step.
     rounds: communication rounds.
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     mean local training loss of each round (over workers and local steps);
     ``global_train_loss`` is the global model's loss on the fixed training subset.
   """
-  task = tasks.get_task(cfg.task)
+  task = tasks.from_spec(cfg.task)
   train_arrays = load_split(task, "train", cfg.data_dir)
   n = num_items(task, train_arrays)
   shards = data.split_homogeneous(n, cfg.workers, cfg.seed)

@@ -14,6 +14,10 @@ Overrides replace a builder's keyword defaults, e.g. ``get_task("imagenet32_mlp"
 num_classes=200)``, ``get_task("text_lm", seq_len=64)``, ``get_task("fmnist_mlp",
 hidden=(32,))``, ``get_task("cifar10_cnn", standardize=False)`` (pixels / 255 only, as in
 learned_optimization). An override a task does not take raises ``ValueError``.
+
+Where a task is named by a string (the CLI's ``--task``, ``MetaTrainConfig.tasks``), the same
+overrides can be written after a colon: ``fmnist_mlp:standardize=false`` or
+``fmnist_mlp:hidden=512x512,standardize=false`` (:func:`from_spec`).
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ def _tuple(x: Any) -> tuple:
 
 
 def _mlp(name: str, *, dataset: str, hidden: tuple[int, ...] = (128, 128),
-         num_classes: int | None = None, standardize: bool = True) -> Task:
-  return _image_task(name, dataset, num_classes, standardize, MLP, hidden=_tuple(hidden))
+         num_classes: int | None = None, standardize: bool = True,
+         compute_dtype: str | None = None) -> Task:
+  if compute_dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
+  return _image_task(name, dataset, num_classes, standardize, MLP, hidden=_tuple(hidden),
+                     compute_dtype=None if compute_dtype == "float32" else compute_dtype)
 
 
 def _cnn(name: str, *, dataset: str, features: tuple[int, ...] = (32, 64, 64),
@@ -143,7 +151,48 @@ def get_task(name: str, **overrides: Any) -> Task:
   return builder(name, **{**fixed, **overrides})
 
 
+def _parse_value(text: str) -> Any:
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if "x" in low and all(part.isdigit() for part in low.split("x")):
+    return tuple(int(part) for part in low.split("x"))  # 512x512 -> (512, 512)
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+  """``"NAME[:key=value,...]"`` -> ``(NAME, overrides)``; values are parsed as bools
+  (``true``/``false``), tuples of ints (``512x512``), ints, floats, else strings.
+
+  Examples:
+    >>> from optax_localsgd.tasks import parse_spec
+    >>> parse_spec("fmnist_mlp:hidden=512x512,standardize=false")
+    ('fmnist_mlp', {'hidden': (512, 512), 'standardize': False})
+  """
+  name, _, rest = spec.partition(":")
+  overrides: dict[str, Any] = {}
+  for item in filter(None, rest.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"task spec {spec!r}: expected NAME:key=value,..., got {item!r}")
+    overrides[key.strip()] = _parse_value(value.strip())
+  _lookup(name)  # unknown names fail here, listing the known ones
+  return name, overrides
+
+
+def from_spec(spec: str) -> Task:
+  """The task a spec string names (:func:`parse_spec`), e.g. ``"fmnist_mlp:standardize=false"``."""
+  name, overrides = parse_spec(spec)
+  return get_task(name, **overrides)
+
+
 __all__ = [
     "CNN", "DATASETS", "DatasetInfo", "DecoderLM", "MLP", "ResNet", "Task", "ViT",
-    "available_tasks", "get_task", "num_params", "standardize", "task_overrides",
+    "available_tasks", "from_spec", "get_task", "num_params", "parse_spec", "standardize",
+    "task_overrides",
 ]

@@ -61,20 +61,24 @@ class MLP(nn.Module):
 
   ``hidden=(128, 128)`` is the paper's "2-Layer MLP", ``(128, 128, 128)`` its "3-Layer MLP".
   Output: float32 logits ``(B, num_classes)``. Flax default initialisers (LeCun normal kernels,
-  zero biases).
+  zero biases). ``compute_dtype="bfloat16"`` runs the matmuls in bfloat16 (parameters stay
+  float32; XLA's CPU matmuls accumulate bf16 products in float32 and round the result), which
+  this project's AMX CPUs run about 3x faster; ``None`` computes in float32.
   """
   hidden: tuple[int, ...] = (128, 128)
   num_classes: int = 10
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+  compute_dtype: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = standardize(x, self.mean, self.std)
     x = x.reshape((x.shape[0], -1))
+    dtype = None if self.compute_dtype is None else jnp.dtype(self.compute_dtype)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(nn.Dense(width, dtype=dtype)(x))
+    return nn.Dense(self.num_classes, dtype=dtype)(x).astype(jnp.float32)
 
 
 class CNN(nn.Module):
