@@ -82,19 +82,21 @@ def server_weights(args: argparse.Namespace) -> ol.MetaParams:
   return ol.pretrained.load(args.weights)
 
 
-def make_round(worker_tx: optax.GradientTransformation, server: optax.GradientTransformation):
+def make_round(worker_tx: optax.GradientTransformation, server: optax.GradientTransformation,
+               loss=loss_fn, per_worker: bool = False):
   """One round: ``(params, server_state, x, y) -> (params, server_state, mean local loss)``.
 
   ``x``, ``y``: the round's minibatches, shape ``(K, H, B, ...)``: worker k's step h uses
-  ``x[k, h]``.
+  ``x[k, h]``. ``loss(params, x, y)``: the model's loss. ``per_worker``: the server reads the
+  ``(K, ...)`` stack of worker deltas (LAgg-A) instead of their mean.
   """
 
   def worker(params, xs, ys):
     def step(carry, batch):
       p, s = carry
-      loss, g = jax.value_and_grad(loss_fn)(p, *batch)
+      loss_value, g = jax.value_and_grad(loss)(p, *batch)
       u, s = worker_tx.update(g, s, p)
-      return (optax.apply_updates(p, u), s), loss
+      return (optax.apply_updates(p, u), s), loss_value
 
     # Every worker starts from the global weights with a fresh optimizer state.
     (p, _), losses = jax.lax.scan(step, (params, worker_tx.init(params)), (xs, ys))
@@ -103,7 +105,10 @@ def make_round(worker_tx: optax.GradientTransformation, server: optax.GradientTr
   @jax.jit
   def round_fn(params, server_state, x, y):
     new, losses = jax.vmap(worker, in_axes=(None, 0, 0))(params, x, y)
-    delta = jax.tree.map(lambda old, w: old - w.mean(0), params, new)  # mean of old - new
+    if per_worker:  # worker k's old - new at index k
+      delta = jax.tree.map(lambda old, w: old[None] - w, params, new)
+    else:  # the mean of old - new
+      delta = jax.tree.map(lambda old, w: old - w.mean(0), params, new)
     updates, server_state = server.update(delta, server_state, params)  # LOpt-A reads params
     return optax.apply_updates(params, updates), server_state, losses.mean()
 

@@ -196,3 +196,17 @@ def test_custom_loop_without_weights_says_what_to_do(tmp_path, capsys):
   assert load_example("custom_loop").main(["--weights", str(tmp_path / "missing.npz")]) == 2
   err = capsys.readouterr().err
   assert "missing.npz" in err and "--untrained" in err
+
+
+def test_compare_in_your_loop_runs_the_learned_and_tuned_servers(tmp_path, env, lopt_weights):
+  """Two rounds of local SGD and LOpt-A in the plain loop; the table and the JSON come out."""
+  r = example("compare_in_your_loop.py", "--methods", "local_sgd,diloco,lopt_a", "--weights",
+              f"lopt_a={lopt_weights}", "--rounds", "2", "--eval-every", "1", "--seeds", "0",
+              "--hidden", "16", "--out", tmp_path / "out", cwd=tmp_path, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "| lopt_a |" in r.stdout and "| diloco |" in r.stdout
+  got = json.loads((tmp_path / "out" / "compare.json").read_text())
+  assert set(got["table"]) == {"local_sgd", "diloco", "lopt_a"}
+  assert len(got["curves"]["lopt_a"]["0"]["loss"]) == 3  # round 0, 1 and 2
+  bad = example("compare_in_your_loop.py", "--methods", "adamw", cwd=tmp_path, env=env)
+  assert bad.returncode == 2 and "unknown method 'adamw'" in bad.stderr

@@ -42,8 +42,10 @@ SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a met
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
 GAMMA_GRID = (1.0, 0.5, 0.3, 0.1)
 BETA_GRID = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-DILOCO_LR_GRID = (1.0, 0.7, 0.5, 0.3, 0.1)
-DILOCO_MOMENTUM_GRID = (0.9, 0.8)
+# Outer learning rates of 1 and above and momentum 0.95 too: with Nesterov momentum the best
+# outer step of local SGD can exceed plain averaging.
+DILOCO_LR_GRID = (2.0, 1.4, 1.0, 0.7, 0.5, 0.3, 0.1)
+DILOCO_MOMENTUM_GRID = (0.95, 0.9, 0.8)
 REDUCED = {"lr": (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3), "c": (1.0, 5e-1, 1e-1, 5e-2, 1e-2),
            "beta": (0.95, 0.9, 0.8, 0.7, 0.5)}
 SWEPT = ("local_sgd", "slowmo", "diloco", "sgd", "adam")
