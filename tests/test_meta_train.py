@@ -170,6 +170,17 @@ def test_divergence_guard_is_neutral_until_it_triggers(tmp_path):
                progress=False)
 
 
+def test_time_budget_stops_with_a_checkpoint_and_partial_weights(tmp_path):
+  """A budget shorter than compilation: one outer step, a checkpoint, exported weights that
+  say how far the schedule got, and a resume that goes on from there."""
+  res = meta_train(tiny(), tmp_path, progress=False, time_budget_s=1e-3, export_partial=True)
+  assert res["interrupted"] and res["step"] == 1 and res["weights"] is not None
+  info = pretrained.metadata(res["weights"])["info"]
+  assert info["outer_steps"] == 1 and info["outer_steps_planned"] == 20
+  again = meta_train(tiny(), tmp_path, resume=True, progress=False, stop_after=1)
+  assert again["step"] == 2
+
+
 def test_resume_refuses_another_configuration(tmp_path):
   meta_train(tiny(), tmp_path, progress=False, stop_after=1)
   with pytest.raises(ValueError, match="workers"):

@@ -155,7 +155,8 @@ def cmd_meta_train(args) -> int:
       feature_set=args.feature_set, output_init_scale=args.output_init_scale)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
-                   stop_after=args.stop_after, export_partial=args.export_partial)
+                   stop_after=args.stop_after, export_partial=args.export_partial,
+                   time_budget_s=args.time_budget)
   summary = {"step": res["step"], "interrupted": res["interrupted"],
              "weights": str(res["weights"]) if res["weights"] else None,
              "last_meta_loss": res["log"]["meta_loss"][-1] if res["log"]["meta_loss"] else None}
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
   m.add_argument("--stop-after", type=int, default=None,
                  help="stop (with a checkpoint) after this many outer steps of this call")
+  m.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                 help="stop with a checkpoint after the first outer step that ends this many "
+                 "seconds after the start (compilation included); with --export-partial the "
+                 "weights are written too, e.g. to fit a device call of fixed length")
   m.add_argument("--export-partial", action="store_true",
                  help="write OUT/weights.npz even when stopping early (with --resume "
                  "--stop-after 0: export the checkpoint as it is)")

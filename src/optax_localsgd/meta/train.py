@@ -171,7 +171,8 @@ def _jitted_outer_step(groups: tuple[TaskGroup, ...], pes: PESConfig):
 
 def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
                progress: bool = True, command: str | None = None,
-               stop_after: int | None = None, export_partial: bool = False) -> dict[str, Any]:
+               stop_after: int | None = None, export_partial: bool = False,
+               time_budget_s: float | None = None) -> dict[str, Any]:
   """Meta-train (or resume) and write the outputs described in the module docstring.
 
   Args:
@@ -186,10 +187,14 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
       ``resume`` and ``export_partial``: export the checkpoint as it is).
     export_partial: also write ``weights.npz`` when stopping before ``cfg.pes.outer_steps``;
       its metadata then records the steps done and the steps the schedule planned.
+    time_budget_s: stop (with a checkpoint) after the first outer step that ends this many
+      seconds after the call started (compilation included), e.g. to fit a device call of
+      fixed length; ``None``: no limit.
 
   Returns:
     ``{"log": ..., "weights": path or None, "step": int, "interrupted": bool}``.
   """
+  t_call = time.perf_counter()
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   ck_path = out / "checkpoint.npz"
@@ -216,6 +221,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
 
   interrupted = False
   t_prev = time.perf_counter()
+  t_start = t_call
   # Every signal only sets the flag: the loop always reaches its checkpoint.
   with StopFlag(second_sigint_raises=False) as stop:
     while int(state.step) < total and not (stop_after is not None and stop_after <= 0):
@@ -236,7 +242,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
         bar.write(f"step {step}: {int(m['nonfinite_pairs'])} non-finite pair(s) ignored"
                   + ("" if bool(m["grad_finite"]) else "; non-finite gradient, step skipped"))
       bar.update(1, meta_loss=float(m["meta_loss"]))
-      reached_stop = stop_after is not None and step - start >= stop_after
+      reached_stop = ((stop_after is not None and step - start >= stop_after) or
+                      (time_budget_s is not None and now - t_start >= time_budget_s))
       if step % cfg.checkpoint_every == 0 or stop.signum is not None or reached_stop:
         save()
       if stop.signum is not None or reached_stop:
