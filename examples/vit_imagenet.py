@@ -249,11 +249,11 @@ def write_log(log: dict, out: pathlib.Path) -> None:
 def plot_curve(log: dict, path: pathlib.Path) -> bool:
   """Mean local training loss and val accuracy (%) against rounds; False without matplotlib."""
   try:
-    from optax_localsgd.plotting import pyplot
-    plt = pyplot()
-  except ImportError:
+    from optax_localsgd.plotting import PlotsUnavailable, figure
+    fig = figure(figsize=(11, 4), layout="constrained")
+  except PlotsUnavailable:
     return False
-  fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+  ax_l, ax_a = fig.subplots(1, 2)
   ax_l.plot(log["rounds"], log["train_loss"], linewidth=0.8)
   ax_l.set(xlabel="communication round", ylabel="mean local training loss (nats)")
   ax_a.plot(log["eval_rounds"], [100 * a for a in log["val_accuracy"]], marker="o")
@@ -266,7 +266,6 @@ def plot_curve(log: dict, path: pathlib.Path) -> bool:
                f"{c['num_classes']} classes): {c['server']}, K={c['workers']}, "
                f"H={c['local_steps']}, B={c['batch_size']}")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return True
 
 
