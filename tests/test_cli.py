@@ -35,6 +35,26 @@ def test_demo_prints_a_comparison_table(tmp_path):
   assert (tmp_path / "demo.png").exists()
 
 
+def _without_matplotlib(monkeypatch):
+  """Make every ``import matplotlib...`` fail, as on an install without the plot extra."""
+  for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    monkeypatch.setitem(sys.modules, name, None)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_demo_without_matplotlib_says_how_to_get_the_plot(tmp_path, monkeypatch, capsys):
+  _without_matplotlib(monkeypatch)
+  assert cli.main(["demo", "--rounds", "2", "--eval-every", "1", "--out", str(tmp_path),
+                   "--quiet"]) == 0
+  out, err = capsys.readouterr()
+  assert "| SlowMo |" in out
+  assert [l for l in err.splitlines() if l.startswith("note: no")] == [
+      f"note: no {tmp_path / 'demo.png'}: matplotlib is not installed "
+      '(pip install "optax-localsgd[plot]").']
+  assert len(json.loads((tmp_path / "demo.json").read_text())) >= 3
+  assert not (tmp_path / "demo.png").exists()
+
+
 def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   import jax
   from optax_localsgd import init_lagg_a, pretrained

@@ -6,6 +6,7 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 
 from optax_localsgd import servers, tasks
 
@@ -64,12 +65,25 @@ def _config(args):
       data_dir=args.data_dir)
 
 
+def _save_plot(draw: Callable[[pathlib.Path], None], path: pathlib.Path) -> bool:
+  """``draw(path)``; without matplotlib, one line on stderr saying how to get the PNG."""
+  from optax_localsgd.plotting import INSTALL_HINT, PlotsUnavailable
+  try:
+    draw(path)
+    return True
+  except PlotsUnavailable:
+    # The numbers are in the JSON next to it; the plot is optional (the `plot` extra).
+    print(f"note: no {path}: matplotlib is not installed ({INSTALL_HINT}).", file=sys.stderr)
+    return False
+
+
 def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: str) -> None:
   from optax_localsgd.plotting import plot_histories
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(histories, indent=1) + "\n")
-  plot_histories(histories, out / f"{name}.png", title)
-  print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}", file=sys.stderr)
+  png = out / f"{name}.png"
+  plotted = _save_plot(lambda p: plot_histories(histories, p, title), png)
+  print(f"wrote {out / (name + '.json')}" + (f" and {png}" if plotted else ""), file=sys.stderr)
 
 
 def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None):
@@ -207,15 +221,16 @@ def cmd_evaluate(args) -> int:
                              if m in weights else hparams[m])
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  report.plot_curves(cfg, runs, out / f"{name}.png")
+  plotted = _save_plot(lambda p: report.plot_curves(cfg, runs, p), out / f"{name}.png")
   command = "optax-localsgd " + " ".join(args.argv)
-  text = report.markdown(cfg, summary, command, f"{name}.png",
+  text = report.markdown(cfg, summary, command, f"{name}.png" if plotted else None,
                          borrowed_hparams_key=key if key != own_key else None)
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(
       {"command": command, "hparams_key": key, "summary": summary}, indent=1) + "\n")
   print(text)
-  print(f"wrote {out / (name + '.md')}, .json and .png", file=sys.stderr)
+  print(f"wrote {out / (name + '.md')}, .json" + (" and .png" if plotted else ""),
+        file=sys.stderr)
   return 0
 
 
@@ -270,15 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
   t.set_defaults(fn=cmd_train)
   d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
                      description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128, with the paper's "
-                     "tuned hyperparameters, against every bundled learned optimizer for this setting; "
-                     "prints a comparison table and writes "
-                     "OUT/demo.json and OUT/demo.png.")
-  d.add_argument("--rounds", type=int, default=150)
-  d.add_argument("--eval-every", type=int, default=10)
+                     "tuned hyperparameters, against every bundled learned optimizer for this "
+                     "setting; prints a comparison table and writes OUT/demo.json and (with "
+                     "matplotlib) OUT/demo.png.")
+  d.add_argument("--rounds", type=int, default=150, help="communication rounds per optimizer")
+  d.add_argument("--eval-every", type=int, default=10,
+                 help="rounds between evaluations of the global model")
   d.add_argument("--seed", type=int, default=0)
-  d.add_argument("--data-dir", default=None)
-  d.add_argument("--out", default="runs/demo")
-  d.add_argument("--quiet", action="store_true")
+  d.add_argument("--data-dir", default=None, help="dataset directory")
+  d.add_argument("--out", default="runs/demo", help="output directory")
+  d.add_argument("--quiet", action="store_true", help="no progress bars")
   d.set_defaults(fn=cmd_demo)
   m = sub.add_parser(
       "meta-train", help="meta-train LOpt-A or LAgg-A with PES",
