@@ -26,13 +26,17 @@ def test_train_writes_json_log_and_png(tmp_path):
 
 
 def test_demo_prints_a_comparison_table(tmp_path):
-  from optax_localsgd import pretrained
+  from optax_localsgd import pretrained, sweep
   r = _cli("demo", "--rounds", "4", "--eval-every", "2", "--out", str(tmp_path), "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout
+  assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout and "| DiLoCo |" in r.stdout
   if "lopt_a/fmnist_mlp_k8_h4" in pretrained.available():
     assert "| LOpt-A (lopt_a/fmnist_mlp_k8_h4) |" in r.stdout
-  assert (tmp_path / "demo.png").exists()
+  assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # DiLoCo trains with the shipped sweep's values for this setting, not the server defaults.
+  runs = {h["label"]: h["config"] for h in json.loads((tmp_path / "demo.json").read_text())}
+  tuned = sweep.tuned_hparams("fmnist_mlp/K8/H4/B128")["diloco"]
+  assert {k: runs["DiLoCo"][k] for k in tuned} == tuned and runs["DiLoCo"]["server"] == "diloco"
 
 
 def _without_matplotlib(monkeypatch):
@@ -47,7 +51,7 @@ def test_demo_without_matplotlib_says_how_to_get_the_plot(tmp_path, monkeypatch,
   assert cli.main(["demo", "--rounds", "2", "--eval-every", "1", "--out", str(tmp_path),
                    "--quiet"]) == 0
   out, err = capsys.readouterr()
-  assert "| SlowMo |" in out
+  assert "| DiLoCo |" in out
   assert [l for l in err.splitlines() if l.startswith("note: no")] == [
       f"note: no {tmp_path / 'demo.png'}: matplotlib is not installed "
       '(pip install "optax-localsgd[plot]").']

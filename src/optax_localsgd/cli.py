@@ -16,6 +16,9 @@ DEMO_RUNS = (
     ("local SGD", dict(server="local_sgd", local_lr=0.3)),
     ("SlowMo", dict(server="slowmo", local_lr=0.1, server_lr=1.0, momentum=0.95)),
 )
+# DiLoCo is not in the paper: its values come from this package's sweep of the same setting.
+DEMO_SWEPT = ("diloco",)
+DEMO_KEY = "fmnist_mlp/K8/H4/B128"
 DEMO_TARGETS = (0.5, 0.3)
 
 
@@ -112,11 +115,14 @@ def cmd_train(args) -> int:
 
 
 def demo_runs() -> list[tuple[str, dict, object]]:
-  """(label, TrainConfig overrides, meta-params) of the demo: the baselines with the paper's
-  tuned values, then every bundled learned optimizer for this setting."""
-  from optax_localsgd import pretrained
+  """(label, TrainConfig overrides, meta-params) of the demo: local SGD and SlowMo with the
+  paper's tuned values, DiLoCo with the shipped sweep's (``tuned_hparams.json``), then every
+  bundled learned optimizer for this setting."""
+  from optax_localsgd import pretrained, sweep
   from optax_localsgd.evaluation import LABELS
   runs = [(label, kw, None) for label, kw in DEMO_RUNS]
+  tuned = sweep.tuned_hparams(DEMO_KEY)
+  runs += [(LABELS[m], dict(server=m, **tuned[m]), None) for m in DEMO_SWEPT]
   for server, name in sorted(_default_weights(("lopt_a", "lagg_a"), "fmnist_mlp", 8, 4).items()):
     local_lr = pretrained.metadata(name)["info"].get("local_lr", 0.3)
     runs.append((f"{LABELS[server]} ({name})",
@@ -284,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--quiet", action="store_true", help="no progress bar")
   t.set_defaults(fn=cmd_train)
   d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
-                     description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128, with the paper's "
-                     "tuned hyperparameters, against every bundled learned optimizer for this "
-                     "setting; prints a comparison table and writes OUT/demo.json and (with "
-                     "matplotlib) OUT/demo.png.")
+                     description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128: local SGD and "
+                     "SlowMo with the paper's tuned hyperparameters, DiLoCo with the package's "
+                     "tuned ones, and every bundled learned optimizer for this setting; prints "
+                     "a comparison table and writes OUT/demo.json and (with matplotlib) "
+                     "OUT/demo.png.")
   d.add_argument("--rounds", type=int, default=150, help="communication rounds per optimizer")
   d.add_argument("--eval-every", type=int, default=10,
                  help="rounds between evaluations of the global model")
