@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import zipfile
 from typing import NamedTuple
 
@@ -540,3 +541,33 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
     if k is not None:
       assert f"_k{k}_" in name
     assert name.endswith(f"_k{info['K']}_h{info['H']}"), "the name must say K and H"
+
+
+def test_a_meta_train_run_directory_loads_its_weights(tmp_path, lopt_meta):
+  run = tmp_path / "run"  # what `meta-train --out run` leaves: weights.npz among other files
+  run.mkdir()
+  (run / "log.json").write_text("{}")
+  digest = pretrained.save(run / "weights.npz", lopt_meta, INFO)
+  for spec in (run, str(run)):
+    assert _bits(pretrained.load(spec).mlp["w0"]) == _bits(lopt_meta.mlp["w0"])
+    assert pretrained.resolve(spec) == run / "weights.npz"
+    assert pretrained.metadata(spec)["info"] == INFO
+  assert pretrained.load(run, expected_sha256=digest).config == lopt_meta.config
+  with pytest.raises(ValueError, match="is not a bundled name"):
+    pretrained.bundled_sha256(str(run))
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for spec in (empty, str(empty)):
+    with pytest.raises(ValueError, match=re.escape(
+        f"{empty} is a directory without weights.npz (looked for {empty / 'weights.npz'})")):
+      pretrained.load(spec)
+
+
+def test_a_bundled_name_wins_over_a_folder_of_the_same_name(monkeypatch, tmp_path, lopt_meta):
+  path, digest = _bundle(monkeypatch, tmp_path / "bundle", lopt_meta)
+  (tmp_path / "bundle" / "MANIFEST.json").write_text(
+      json.dumps({"lopt_a/tiny_k8": {"sha256": digest}}))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "lopt_a" / "tiny_k8").mkdir(parents=True)  # a local folder, no weights in it
+  assert pretrained.resolve("lopt_a/tiny_k8") == path

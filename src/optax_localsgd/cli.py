@@ -49,8 +49,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help="rounds between evaluations of the global model")
   p.add_argument("--weights", default=None,
                  help="lopt_a / lagg_a weights: a bundled name (optax_localsgd.pretrained."
-                 "available()) or a .npz path; default: the bundled SERVER/TASK_kK_hH if it "
-                 "exists, else fresh, un-meta-trained weights")
+                 "available()), a .npz path or a meta-train --out directory; default: the "
+                 "bundled SERVER/TASK_kK_hH if it exists, else fresh, un-meta-trained weights")
   p.add_argument("--devices", type=int, default=1,
                  help="spread the workers over this many devices (must divide K)")
   p.add_argument("--data-dir", default=None,

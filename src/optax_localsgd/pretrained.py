@@ -18,7 +18,9 @@ weights, config and info always give the same file and the same :func:`file_sha2
 
 Bundled weights live in the top-level ``pretrained/`` folder of a source checkout, or in
 ``optax_localsgd/_pretrained`` inside an installed wheel, and are named by their relative path
-without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`). :func:`load`
+also takes the output directory of ``optax-localsgd meta-train --out DIR`` and reads
+``DIR/weights.npz``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from optax_localsgd.meta_params import (FEATURE_SET_VERSION, SIGN_CONVENTION,
 FORMAT = "optax-localsgd-weights"
 FORMAT_VERSION = 1
 METADATA_KEY = "__metadata__"
+RUN_WEIGHTS = "weights.npz"  # what `optax-localsgd meta-train --out DIR` writes in DIR
 MLP_NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 ARRAY_NAMES = tuple(f"mlp/{n}" for n in MLP_NAMES) + ("decay_offsets",)
 
@@ -223,37 +226,54 @@ def available() -> list[str]:
 
 
 def _is_bundled_name(path_or_name: PathLike) -> bool:
-  """A ``str`` not ending in ``.npz`` names bundled weights; anything else is a path."""
+  """A ``str`` not ending in ``.npz`` names bundled weights (or else a run directory)."""
   return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
 
 
-def _resolve(path_or_name: PathLike) -> pathlib.Path:
-  """A path to a file, from a path (``os.PathLike`` or ``str`` ending in ``.npz``) or a name.
+def _run_weights(directory: pathlib.Path) -> pathlib.Path:
+  """``directory/weights.npz``, the file ``meta-train --out directory`` ends with."""
+  path = directory / RUN_WEIGHTS
+  if not path.is_file():
+    raise ValueError(
+        f"{directory} is a directory without {RUN_WEIGHTS} (looked for {path}). meta-train "
+        f"writes it when a run finishes; an unfinished run exports its checkpoint with "
+        f"`optax-localsgd meta-train ... --resume --stop-after 0 --export-partial`.")
+  return path
 
-  Any ``str`` not ending in ``.npz`` is a bundled name; this never depends on the current
-  folder, so a stray local file cannot shadow bundled weights.
+
+def _locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
+  """(the weight file, its bundled name or ``None``) for a path, a run directory or a name.
+
+  A ``str`` not ending in ``.npz`` is first a bundled name and only then a directory, so a
+  local folder cannot shadow bundled weights; pass a ``pathlib.Path`` to mean the folder.
   """
   if not isinstance(path_or_name, (str, os.PathLike)):
     raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")
   if not _is_bundled_name(path_or_name):
     path = pathlib.Path(path_or_name)
+    if path.is_dir():
+      return _run_weights(path), None
     if not path.is_file():
       raise ValueError(f"Weight file {path} does not exist (or is not a file).")
-    return path
+    return path, None
   name = path_or_name
   if _NAME_RE.match(name) and ".." not in name.split("/"):
     for d in _bundled_dirs():
       path = d / f"{name}.npz"
       if path.is_file():
-        return path
+        return path, name
+  if name and pathlib.Path(name).is_dir():  # "" would be the current folder
+    return _run_weights(pathlib.Path(name)), None
   raise ValueError(
-      f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. "
-      f"To load a file, pass a pathlib.Path or a path ending in '.npz'.")
+      f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. To load your "
+      f"own, pass a path ending in '.npz' or a run directory holding {RUN_WEIGHTS} "
+      f"(meta-train --out DIR).")
 
 
 def resolve(path_or_name: PathLike) -> pathlib.Path:
-  """The file behind a bundled name (see :func:`available`) or a path; ValueError if none."""
-  return _resolve(path_or_name)
+  """The weight file behind a bundled name (see :func:`available`), a path to a ``.npz``
+  file, or a run directory holding ``weights.npz``; ValueError if there is none."""
+  return _locate(path_or_name)[0]
 
 
 MANIFEST = "MANIFEST.json"
@@ -265,7 +285,9 @@ def bundled_sha256(name: str) -> str:
   Raises:
     ValueError: ``name`` is not bundled, or the manifest has no entry for it.
   """
-  path = _resolve(name)
+  path, bundled = _locate(name)
+  if bundled is None:
+    raise ValueError(f"{name!r} is not a bundled name; only bundled weights have a manifest.")
   root = path.parents[len(pathlib.PurePosixPath(name).parts) - 1]
   manifest = root / MANIFEST
   try:
@@ -414,12 +436,12 @@ def metadata(path_or_name: PathLike) -> dict:
   neither loaded nor verified (use :func:`load` for that).
 
   Args:
-    path_or_name: a path (``pathlib.Path`` or a ``str`` ending in ``.npz``) or a bundled name.
+    path_or_name: as for :func:`load`.
 
   Raises:
     ValueError: unknown name, unreadable file, missing/invalid metadata, wrong format.
   """
-  path = _resolve(path_or_name)
+  path = resolve(path_or_name)
   with _open_npz(path, "Weight file", ValueError) as npz:
     meta = _read_metadata(npz, path, "Weight file", ValueError)
   _check_header(meta, path)
@@ -431,8 +453,10 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
   """Loads and verifies a weight file written by :func:`save`.
 
   Args:
-    path_or_name: a path (``pathlib.Path``, or a ``str`` ending in ``.npz``) or a bundled
-      name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+    path_or_name: a bundled name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see
+      :func:`available`); a weight file (``pathlib.Path``, or a ``str`` ending in ``.npz``);
+      or a run directory holding ``weights.npz``, as ``meta-train --out DIR`` leaves it
+      (a bundled name wins over a folder of the same name).
     expected_sha256: hex sha256 of the whole file as published; checked before anything in
       the file is parsed. Bundled names are always checked against ``MANIFEST.json``.
     num_workers: the K you will train with; LAgg-A weights built for another K are refused.
@@ -441,15 +465,16 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
     :class:`MetaParams` with float32 arrays bit-identical to those saved and an equal config.
 
   Raises:
-    ValueError: naming the file and the problem: unknown name, unreadable / not an npz /
+    ValueError: naming the file and the problem: unknown name, a directory without
+      ``weights.npz``, unreadable / not an npz /
       pickled content, missing metadata, wrong format tag or version, missing or extra arrays,
       shapes or dtypes that do not match the config, ``arrays_sha256`` mismatch (corrupt or
       modified), whole-file sha256 different from ``expected_sha256`` or from the manifest,
       or LAgg-A weights for a K other than ``num_workers``.
   """
-  path = _resolve(path_or_name)
-  if expected_sha256 is None and _is_bundled_name(path_or_name):
-    expected_sha256 = bundled_sha256(path_or_name)
+  path, bundled = _locate(path_or_name)
+  if expected_sha256 is None and bundled is not None:
+    expected_sha256 = bundled_sha256(bundled)
   if expected_sha256 is not None:
     actual = file_sha256(path)
     if actual != expected_sha256.strip().lower():
