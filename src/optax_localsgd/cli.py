@@ -20,6 +20,9 @@ DEMO_RUNS = (
 DEMO_SWEPT = ("diloco",)
 DEMO_KEY = "fmnist_mlp/K8/H4/B128"
 DEMO_TARGETS = (0.5, 0.3)
+# Relative to the current folder, not the source tree: it must work from an installed package.
+# The file the package ships (sweep.tuned_hparams) is updated only by passing its path.
+SWEEP_OUT = "runs/sweep/tuned_hparams.json"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -370,14 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
       description="Successive halving over the grids of optax_localsgd.sweep; the winners are "
-      "stored under TASK/KK/HH/BB in the JSON file --out.")
+      "stored under TASK/KK/HH/BB in the JSON file --out (other entries are kept).")
   _add_setting_args(s)
   s.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam")
   s.add_argument("--rounds", type=int, default=1000, help="the last rung's rounds")
   s.add_argument("--min-rounds", type=int, default=37, help="the first rung's rounds")
   s.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
   s.add_argument("--grid", choices=("paper", "reduced"), default="paper")
-  s.add_argument("--out", default="src/optax_localsgd/tuned_hparams.json")
+  s.add_argument("--out", default=SWEEP_OUT,
+                 help="JSON file to add the winners to, created with its folders if missing "
+                 "(default %(default)s, relative to the current folder; pass it to evaluate "
+                 "--hparams)")
   s.set_defaults(fn=cmd_sweep)
   pub = sub.add_parser(
       "publish", help="ship a meta-training run's weights under pretrained/ with a model card",

@@ -156,8 +156,12 @@ def sweep_method(cfg: SweepConfig, method: str, *,
 
 def update_file(path: pathlib.Path, cfg: SweepConfig, method: str, result: Mapping[str, Any],
                 command: str) -> None:
-  """Stores one method's sweep result under ``cfg.key()`` in the JSON file at ``path``."""
+  """Stores one method's sweep result under ``cfg.key()`` in the JSON file at ``path``.
+
+  Other entries of an existing file are kept; a missing file is created with its folders.
+  """
   data = json.loads(path.read_text()) if path.is_file() else {}
+  path.parent.mkdir(parents=True, exist_ok=True)
   entry = data.setdefault(cfg.key(), {})
   best = {k: v for k, v in result["best"].items() if k != "loss"}
   entry[method] = {"hparams": best, "train_loss": result["best"]["loss"],
