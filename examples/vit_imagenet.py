@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import data, engine, pretrained, servers, tasks, trainer
+from optax_localsgd.errors import UsageError  # flags, data or files: one line, no traceback
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
@@ -50,10 +51,6 @@ GET_DATA = ("Get the official 'Downsampled ImageNet 32x32' (or '64x64') npz file
             "https://image-net.org/download-images (an ImageNet account is needed), unzip "
             "train_data_batch_1.npz .. train_data_batch_10.npz and val_data.npz into one "
             "folder, and pass it with --data-dir.")
-
-
-class UsageError(Exception):
-  """A problem with the flags, the data or a file, reported as one line, no traceback."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,8 +190,8 @@ def load_meta(args: argparse.Namespace):
     meta = pretrained.load(name)
     sha = pretrained.metadata(name)["arrays_sha256"]
   except ValueError as e:
-    raise UsageError(f"cannot load --weights {name!r}: {e}\nPass --weights PATH.npz (e.g. "
-                     f"the weights.npz of 'optax-localsgd meta-train'), or --untrained for "
+    raise UsageError(f"cannot load --weights {name!r}: {e}\nPass --weights PATH.npz or an "
+                     f"'optax-localsgd meta-train --out' directory, or --untrained for "
                      f"fresh, un-meta-trained weights.") from e
   return meta, f"arrays sha256 {sha}"
 

@@ -84,10 +84,33 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
      "/nonexistent/dir"),
     (["train", "--server", "lagg_a", "-K", "8", "--devices", "64", "--rounds", "1"],
      "--devices 64 but JAX sees"),
+    (["train", "--server", "lopt_a", "--weights", "/nonexistent/run", "--rounds", "1"],
+     "Unknown pretrained weights '/nonexistent/run'"),
+    (["evaluate", "--seeds", "100-1o9"], "--seeds expects e.g. 100-109"),
+    (["evaluate", "--weights", "lopt_a"], "--weights expects METHOD=NAME_OR_PATH"),
+    (["evaluate", "--task", "nope", "--methods", "local_sgd"], "has no tuned hyperparameters for nope/K8/H4/B128"),
+    (["sweep", "--rounds", "2", "--min-rounds", "5"], "Need 1 <= min_rounds <= rounds"),
 ])
 def test_bad_flags_give_clear_errors(args, msg, capsys):
   assert cli.main(args) == 2
-  assert msg in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("optax-localsgd: error: ") and msg in err, err
+
+
+def test_meta_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+  (tmp_path / "checkpoint.npz").write_bytes(b"")
+  assert cli.main(["meta-train", "--optimizer", "lopt_a", "--task", "fmnist_mlp", "--out",
+                   str(tmp_path)]) == 2
+  assert "checkpoint.npz exists: pass --resume" in capsys.readouterr().err
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+  # A ValueError that is not a UsageError is a bug: it must not be shortened to one line.
+  def broken(args):
+    raise ValueError("an internal bug")
+  monkeypatch.setattr(cli, "cmd_train", broken)
+  with pytest.raises(ValueError, match="an internal bug"):
+    cli.main(["train"])
 
 
 def test_unknown_task_lists_the_choices():

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 
 from optax_localsgd import servers, tasks
+from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
+from optax_localsgd.errors import UsageError
 
 # Paper Table 5, FMNIST 2-layer MLP, K = 8, H = 4: tuned local learning rates and SlowMo's
 # (gamma, alpha, beta).
@@ -169,11 +171,22 @@ def cmd_meta_train(args) -> int:
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
                   lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip)
-  cfg = MetaTrainConfig(
-      optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
-      local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
-      tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
-      checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from)
+  try:  # MetaTrainConfig checks the flags but raises plain ValueErrors: they are the user's.
+    cfg = MetaTrainConfig(
+        optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
+        local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
+        tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, data_dir=args.data_dir,
+        init_from=args.init_from)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  # meta_train checks this too, with a plain ValueError; here it is a usage error.
+  checkpoint = pathlib.Path(args.out) / "checkpoint.npz"
+  if args.resume and not checkpoint.exists():
+    raise UsageError(f"--resume: no checkpoint at {checkpoint}.")
+  if not args.resume and checkpoint.exists():
+    raise UsageError(f"{checkpoint} exists: pass --resume to continue that run, or choose "
+                     f"another --out.")
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial)
@@ -189,7 +202,10 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
   seeds: list[int] = []
   for part in text.split(","):
     lo, _, hi = part.partition("-")
-    seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    try:
+      seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+      raise UsageError(f"--seeds expects e.g. 100-109 or 100,101, got {text!r}.") from None
   return tuple(seeds)
 
 
@@ -210,7 +226,7 @@ def cmd_evaluate(args) -> int:
   for w in args.weights or []:
     method, sep, name = w.partition("=")
     if not sep:
-      raise ValueError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
+      raise UsageError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
     weights[method] = name
   cfg = evaluation.EvalConfig(
       task=args.task, workers=args.workers, local_steps=args.local_steps,
@@ -402,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   args.argv = argv
-  from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
   for name in ("workers", "local_steps", "batch_size", "rounds", "eval_every", "devices",
                "outer_steps", "tasks_per_estimate", "truncation", "checkpoint_every"):
     if getattr(args, name, 1) < 1:
@@ -410,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
       return 2
   try:
     return args.fn(args)
-  except (DatasetNotFoundError, CorruptDatasetError, ValueError) as e:
+  except (DatasetNotFoundError, CorruptDatasetError, UsageError) as e:
+    # Mistakes in the user's input, said in one line. Anything else is a bug: let it
+    # propagate with its traceback.
     print(f"optax-localsgd: error: {e}", file=sys.stderr)
     return 2
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import features
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta_params import (FEATURE_SET_VERSION, SIGN_CONVENTION,
                                         LearnedOptimizerConfig, MetaParams, mlp_shapes)
 
@@ -234,7 +235,7 @@ def _run_weights(directory: pathlib.Path) -> pathlib.Path:
   """``directory/weights.npz``, the file ``meta-train --out directory`` ends with."""
   path = directory / RUN_WEIGHTS
   if not path.is_file():
-    raise ValueError(
+    raise UsageError(
         f"{directory} is a directory without {RUN_WEIGHTS} (looked for {path}). meta-train "
         f"writes it when a run finishes; an unfinished run exports its checkpoint with "
         f"`optax-localsgd meta-train ... --resume --stop-after 0 --export-partial`.")
@@ -254,7 +255,7 @@ def _locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
     if path.is_dir():
       return _run_weights(path), None
     if not path.is_file():
-      raise ValueError(f"Weight file {path} does not exist (or is not a file).")
+      raise UsageError(f"Weight file {path} does not exist (or is not a file).")
     return path, None
   name = path_or_name
   if _NAME_RE.match(name) and ".." not in name.split("/"):
@@ -264,7 +265,7 @@ def _locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
         return path, name
   if name and pathlib.Path(name).is_dir():  # "" would be the current folder
     return _run_weights(pathlib.Path(name)), None
-  raise ValueError(
+  raise UsageError(
       f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. To load your "
       f"own, pass a path ending in '.npz' or a run directory holding {RUN_WEIGHTS} "
       f"(meta-train --out DIR).")
@@ -272,7 +273,7 @@ def _locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
 
 def resolve(path_or_name: PathLike) -> pathlib.Path:
   """The weight file behind a bundled name (see :func:`available`), a path to a ``.npz``
-  file, or a run directory holding ``weights.npz``; ValueError if there is none."""
+  file, or a run directory holding ``weights.npz``; :class:`UsageError` if there is none."""
   return _locate(path_or_name)[0]
 
 
@@ -287,7 +288,7 @@ def bundled_sha256(name: str) -> str:
   """
   path, bundled = _locate(name)
   if bundled is None:
-    raise ValueError(f"{name!r} is not a bundled name; only bundled weights have a manifest.")
+    raise UsageError(f"{name!r} is not a bundled name; only bundled weights have a manifest.")
   root = path.parents[len(pathlib.PurePosixPath(name).parts) - 1]
   manifest = root / MANIFEST
   try:
@@ -394,12 +395,12 @@ def _expected_shapes(cfg: LearnedOptimizerConfig) -> dict[str, tuple[int, ...]]:
 def _check_header(meta: dict, path: pathlib.Path) -> None:
   fmt = meta.get("format")
   if fmt != FORMAT:
-    raise ValueError(f"Weight file {path} has format tag {fmt!r}, expected {FORMAT!r}.")
+    raise UsageError(f"Weight file {path} has format tag {fmt!r}, expected {FORMAT!r}.")
   version = meta.get("format_version")
   if isinstance(version, bool) or not isinstance(version, int):
-    raise ValueError(f"Weight file {path} has an invalid format_version {version!r}.")
+    raise UsageError(f"Weight file {path} has an invalid format_version {version!r}.")
   if version != FORMAT_VERSION:
-    raise ValueError(
+    raise UsageError(
         f"Weight file {path} has format_version {version}; this version of optax-localsgd "
         f"reads format_version {FORMAT_VERSION}"
         + (" (upgrade optax-localsgd)." if version > FORMAT_VERSION else "."))
@@ -408,23 +409,23 @@ def _check_header(meta: dict, path: pathlib.Path) -> None:
 def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig:
   """Rebuilds the config; JSON lists become tuples; incompatible feature sets are refused."""
   if not isinstance(config, dict):
-    raise ValueError(f"Weight file {path}: metadata 'config' must be a JSON object, got "
+    raise UsageError(f"Weight file {path}: metadata 'config' must be a JSON object, got "
                      f"{type(config).__name__}.")
   fields = {f.name for f in dataclasses.fields(LearnedOptimizerConfig)}
   unknown = sorted(set(config) - fields)
   if unknown:
-    raise ValueError(f"Weight file {path}: unknown config fields {unknown} (written by a "
+    raise UsageError(f"Weight file {path}: unknown config fields {unknown} (written by a "
                      f"newer optax-localsgd?).")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
   try:
     cfg = LearnedOptimizerConfig(**kwargs)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"Weight file {path}: invalid config: {e}") from e
+    raise UsageError(f"Weight file {path}: invalid config: {e}") from e
   if cfg.feature_set != FEATURE_SET_VERSION:
-    raise ValueError(f"Weight file {path} was trained on feature set {cfg.feature_set!r}; "
+    raise UsageError(f"Weight file {path} was trained on feature set {cfg.feature_set!r}; "
                      f"this version of optax-localsgd computes {FEATURE_SET_VERSION!r}.")
   if cfg.sign_convention != SIGN_CONVENTION:
-    raise ValueError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
+    raise UsageError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
                      f"this version of optax-localsgd uses {SIGN_CONVENTION!r}.")
   return cfg
 
@@ -439,11 +440,11 @@ def metadata(path_or_name: PathLike) -> dict:
     path_or_name: as for :func:`load`.
 
   Raises:
-    ValueError: unknown name, unreadable file, missing/invalid metadata, wrong format.
+    UsageError: unknown name, unreadable file, missing/invalid metadata, wrong format.
   """
   path = resolve(path_or_name)
-  with _open_npz(path, "Weight file", ValueError) as npz:
-    meta = _read_metadata(npz, path, "Weight file", ValueError)
+  with _open_npz(path, "Weight file", UsageError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", UsageError)
   _check_header(meta, path)
   return meta
 
@@ -465,12 +466,13 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
     :class:`MetaParams` with float32 arrays bit-identical to those saved and an equal config.
 
   Raises:
-    ValueError: naming the file and the problem: unknown name, a directory without
-      ``weights.npz``, unreadable / not an npz /
-      pickled content, missing metadata, wrong format tag or version, missing or extra arrays,
-      shapes or dtypes that do not match the config, ``arrays_sha256`` mismatch (corrupt or
-      modified), whole-file sha256 different from ``expected_sha256`` or from the manifest,
-      or LAgg-A weights for a K other than ``num_workers``.
+    UsageError: (a ``ValueError``) naming the file and the problem: unknown name, a
+      directory without ``weights.npz``, unreadable / not an npz / pickled content, missing
+      metadata, wrong format tag or version, missing or extra arrays, shapes or dtypes that
+      do not match the config, ``arrays_sha256`` mismatch (corrupt or modified), whole-file
+      sha256 different from ``expected_sha256`` or from the manifest, or LAgg-A weights for
+      a K other than ``num_workers``.
+    ValueError: a bundled name whose ``MANIFEST.json`` entry is missing (a broken install).
   """
   path, bundled = _locate(path_or_name)
   if expected_sha256 is None and bundled is not None:
@@ -478,35 +480,35 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
   if expected_sha256 is not None:
     actual = file_sha256(path)
     if actual != expected_sha256.strip().lower():
-      raise ValueError(f"Weight file {path} has sha256 {actual}, expected {expected_sha256}: "
+      raise UsageError(f"Weight file {path} has sha256 {actual}, expected {expected_sha256}: "
                        f"the file is not the one published (corrupt, truncated or modified).")
-  with _open_npz(path, "Weight file", ValueError) as npz:
-    meta = _read_metadata(npz, path, "Weight file", ValueError)
+  with _open_npz(path, "Weight file", UsageError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", UsageError)
     _check_header(meta, path)
     cfg = _config_from_json(meta.get("config"), path)
     names = set(npz.files) - {METADATA_KEY}
     missing = sorted(set(ARRAY_NAMES) - names)
     extra = sorted(names - set(ARRAY_NAMES))
     if missing or extra:
-      raise ValueError(f"Weight file {path} has the wrong arrays: missing {missing}, "
+      raise UsageError(f"Weight file {path} has the wrong arrays: missing {missing}, "
                        f"unexpected {extra}.")
-    arrays = {n: _read_member(npz, n, path, "Weight file", ValueError) for n in ARRAY_NAMES}
+    arrays = {n: _read_member(npz, n, path, "Weight file", UsageError) for n in ARRAY_NAMES}
   for name, shape in _expected_shapes(cfg).items():
     arr = arrays[name]
     if arr.shape != shape:
-      raise ValueError(f"Weight file {path}: {name} has shape {arr.shape}, but its config "
+      raise UsageError(f"Weight file {path}: {name} has shape {arr.shape}, but its config "
                        f"({cfg.kind}, {cfg.num_inputs} inputs, hidden {cfg.hidden_size}) "
                        f"implies {shape}.")
     if arr.dtype != np.float32:
-      raise ValueError(f"Weight file {path}: {name} has dtype {arr.dtype}, expected float32.")
+      raise UsageError(f"Weight file {path}: {name} has dtype {arr.dtype}, expected float32.")
   stored = meta.get("arrays_sha256")
   actual = _arrays_sha256(arrays)
   if stored != actual:
-    raise ValueError(f"Weight file {path} is corrupt or modified: its arrays hash to "
+    raise UsageError(f"Weight file {path} is corrupt or modified: its arrays hash to "
                      f"{actual}, but its metadata records arrays_sha256={stored!r}.")
   if (num_workers is not None and cfg.kind == "lagg_a"
       and cfg.num_workers != num_workers):
-    raise ValueError(f"Weight file {path} holds LAgg-A weights for K={cfg.num_workers} "
+    raise UsageError(f"Weight file {path} holds LAgg-A weights for K={cfg.num_workers} "
                      f"workers, but you asked for K={num_workers}: LAgg-A reads each worker's "
                      f"delta, so its weights work only for the K they were trained with.")
   return MetaParams(

@@ -13,7 +13,8 @@ Names are ``<dataset>_<architecture>``:
 Overrides replace a builder's keyword defaults, e.g. ``get_task("imagenet32_mlp",
 num_classes=200)``, ``get_task("text_lm", seq_len=64)``, ``get_task("fmnist_mlp",
 hidden=(32,))``, ``get_task("cifar10_cnn", standardize=False)`` (pixels / 255 only, as in
-learned_optimization). An override a task does not take raises ``ValueError``.
+learned_optimization). An override a task does not take raises ``UsageError`` (a
+``ValueError``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from optax_localsgd.errors import UsageError
 from optax_localsgd.tasks.models import CNN, DATASETS, MLP, DatasetInfo, standardize
 from optax_localsgd.tasks.resnet import ResNet
 from optax_localsgd.tasks.task import Task, num_params
@@ -125,7 +127,7 @@ def task_overrides(name: str) -> list[str]:
 
 def _lookup(name: str) -> tuple[Callable[..., Task], dict[str, Any]]:
   if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+    raise UsageError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
   return _REGISTRY[name]
 
 
@@ -139,7 +141,7 @@ def get_task(name: str, **overrides: Any) -> Task:
   allowed = task_overrides(name)
   bad = sorted(set(overrides) - set(allowed))
   if bad:
-    raise ValueError(f"task {name!r} does not take override(s) {bad}; accepted: {allowed}")
+    raise UsageError(f"task {name!r} does not take override(s) {bad}; accepted: {allowed}")
   return builder(name, **{**fixed, **overrides})
 
 
