@@ -5,6 +5,9 @@ import os
 import pathlib
 import pickle
 import re
+import shutil
+import subprocess
+import sys
 import zipfile
 from typing import NamedTuple
 
@@ -315,11 +318,26 @@ def test_available_and_bundled_names(monkeypatch, tmp_path, lopt_meta):
     pretrained.load("lopt_a/tiny_k9")
 
 
-def test_bundled_dir_candidates():
-  dirs = pretrained._bundled_dirs()
-  repo_dir = pathlib.Path(pretrained.__file__).resolve().parents[2] / "pretrained"
-  assert dirs == [d for d in dirs if d.is_dir()]
-  assert (repo_dir in dirs) == repo_dir.is_dir()
+def test_an_installed_wheel_finds_the_weights_inside_the_package(tmp_path, lopt_meta):
+  # A wheel installs the package folder with the weights in optax_localsgd/_pretrained
+  # (setup.py copies them there) and no pretrained/ beside it. Lay that out by hand and
+  # import it in a fresh interpreter, away from this checkout's pretrained/.
+  site = tmp_path / "site-packages"
+  shutil.copytree(pathlib.Path(pretrained.__file__).parent, site / "optax_localsgd",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  bundle = site / "optax_localsgd" / "_pretrained"
+  (bundle / "lopt_a").mkdir(parents=True)
+  digest = pretrained.save(bundle / "lopt_a" / "wheel_k8_h4.npz", lopt_meta, INFO)
+  (bundle / "MANIFEST.json").write_text(json.dumps({"lopt_a/wheel_k8_h4": {"sha256": digest}}))
+  script = ("import optax_localsgd as ol; print(ol.__file__); "
+            "print(ol.pretrained.available()); "
+            "print(ol.pretrained.load('lopt_a/wheel_k8_h4').config.kind)")
+  r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(site)))
+  assert r.returncode == 0, r.stderr[-2000:]
+  where, names, kind = r.stdout.splitlines()
+  assert pathlib.Path(where).is_relative_to(site)  # the copy, not this checkout
+  assert names == "['lopt_a/wheel_k8_h4']" and kind == "lopt_a"
 
 
 # ---------------------------------------------------------------------------------------------
