@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from optax_localsgd import cli
+from optax_localsgd import cli, demo
 
 
 def _cli(*args, cwd=None):
@@ -69,7 +69,7 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
                   {"local_lr": 0.25, "command": "optax-localsgd meta-train ..."})
   publish(run / "weights.npz", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
   monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path / "bundle"])
-  label, kw, meta = [r for r in cli.demo_runs() if r[1]["server"] == "lagg_a"][0]
+  label, kw, meta = [r for r in demo.runs() if r[1]["server"] == "lagg_a"][0]
   assert label == "LAgg-A (lagg_a/fmnist_mlp_k8_h4)" and kw["local_lr"] == 0.25
   assert meta.config.num_workers == 8
   # train: the bundled default for this task/K/H, and a clear error for another K.
@@ -88,7 +88,8 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
      "Unknown pretrained weights '/nonexistent/run'"),
     (["evaluate", "--seeds", "100-1o9"], "--seeds expects e.g. 100-109"),
     (["evaluate", "--weights", "lopt_a"], "--weights expects METHOD=NAME_OR_PATH"),
-    (["evaluate", "--task", "nope", "--methods", "local_sgd"], "has no tuned hyperparameters for nope/K8/H4/B128"),
+    (["evaluate", "--task", "nope", "--methods", "local_sgd"],
+     "has no tuned hyperparameters for nope/K8/H4/B128"),
     (["sweep", "--rounds", "2", "--min-rounds", "5"], "Need 1 <= min_rounds <= rounds"),
 ])
 def test_bad_flags_give_clear_errors(args, msg, capsys):

@@ -1,4 +1,5 @@
-"""The ``optax-localsgd`` command: ``train`` one configuration, or ``demo`` a comparison."""
+"""The ``optax-localsgd`` command: ``train``, ``demo``, ``meta-train``, ``evaluate``, ``sweep``
+and ``publish``; ``optax-localsgd COMMAND --help`` documents each."""
 
 from __future__ import annotations
 
@@ -12,16 +13,6 @@ from optax_localsgd import servers, tasks
 from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
 from optax_localsgd.errors import UsageError
 
-# Paper Table 5, FMNIST 2-layer MLP, K = 8, H = 4: tuned local learning rates and SlowMo's
-# (gamma, alpha, beta).
-DEMO_RUNS = (
-    ("local SGD", dict(server="local_sgd", local_lr=0.3)),
-    ("SlowMo", dict(server="slowmo", local_lr=0.1, server_lr=1.0, momentum=0.95)),
-)
-# DiLoCo is not in the paper: its values come from this package's sweep of the same setting.
-DEMO_SWEPT = ("diloco",)
-DEMO_KEY = "fmnist_mlp/K8/H4/B128"
-DEMO_TARGETS = (0.5, 0.3)
 # Relative to the current folder, not the source tree: it must work from an installed package.
 # The file the package ships (sweep.tuned_hparams) is updated only by passing its path.
 SWEEP_OUT = "runs/sweep/tuned_hparams.json"
@@ -99,7 +90,7 @@ def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None
   from optax_localsgd import pretrained
   if server not in ("lopt_a", "lagg_a"):
     return None, None
-  name = weights or _default_weights([server], task, k, h).get(server)
+  name = weights or pretrained.default_name(server, task, k, h)
   if name is None:
     print(f"note: {server} runs with fresh, un-meta-trained weights (no bundled "
           f"{server}/{task}_k{k}_h{h}; pass --weights).", file=sys.stderr)
@@ -119,50 +110,14 @@ def cmd_train(args) -> int:
   return 0
 
 
-def demo_runs() -> list[tuple[str, dict, object]]:
-  """(label, TrainConfig overrides, meta-params) of the demo: local SGD and SlowMo with the
-  paper's tuned values, DiLoCo with the shipped sweep's (``tuned_hparams.json``), then every
-  bundled learned optimizer for this setting."""
-  from optax_localsgd import pretrained, sweep
-  from optax_localsgd.evaluation import LABELS
-  runs = [(label, kw, None) for label, kw in DEMO_RUNS]
-  tuned = sweep.tuned_hparams(DEMO_KEY)
-  runs += [(LABELS[m], dict(server=m, **tuned[m]), None) for m in DEMO_SWEPT]
-  for server, name in sorted(_default_weights(("lopt_a", "lagg_a"), "fmnist_mlp", 8, 4).items()):
-    local_lr = pretrained.metadata(name)["info"].get("local_lr", 0.3)
-    runs.append((f"{LABELS[server]} ({name})",
-                 dict(server=server, local_lr=local_lr), pretrained.load(name, num_workers=8)))
-  return runs
-
-
 def cmd_demo(args) -> int:
-  from optax_localsgd import trainer
-  histories = []
-  for label, kw, meta in demo_runs():
-    cfg = trainer.TrainConfig(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128,
-                              rounds=args.rounds, seed=args.seed, eval_every=args.eval_every,
-                              data_dir=args.data_dir, **kw)
-    histories.append(trainer.train(cfg, meta_params=meta, progress=not args.quiet, label=label))
-  print(demo_table(histories, args.rounds))
+  from optax_localsgd import demo
+  histories = demo.train_all(args.rounds, seed=args.seed, eval_every=args.eval_every,
+                             data_dir=args.data_dir, progress=not args.quiet)
+  print(demo.table(histories, args.rounds))
   _write_outputs(pathlib.Path(args.out), "demo", histories,
                  "Fashion-MNIST 2-layer MLP, K=8 workers, H=4 local steps")
   return 0
-
-
-def demo_table(histories: list[dict], rounds: int) -> str:
-  """Markdown comparison of demo runs."""
-  from optax_localsgd.trainer import rounds_to_reach
-  head = (f"| optimizer | training loss @ {rounds} | "
-          + " | ".join(f"rounds to {t}" for t in DEMO_TARGETS) + " | test accuracy | time (s) |")
-  lines = [head, "|" + " --- |" * (4 + len(DEMO_TARGETS))]
-  for h in histories:
-    reach = [rounds_to_reach(h, t) for t in DEMO_TARGETS]
-    lines.append(f"| {h['label']} | {h['global_train_loss'][-1]:.4f} | "
-                 + " | ".join("-" if r is None else str(r) for r in reach)
-                 + f" | {100 * h.get('test_accuracy', float('nan')):.2f}% | {h['wall_s']:.0f} |")
-  lines.append("\nTraining loss: the global model's loss on a fixed 10,000-example subset of "
-               "the training set; rounds are counted at evaluation points.")
-  return "\n".join(lines)
 
 
 def cmd_meta_train(args) -> int:
@@ -209,20 +164,12 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
   return tuple(seeds)
 
 
-def _default_weights(methods, task: str, k: int, h: int) -> dict[str, str]:
-  from optax_localsgd import pretrained
-  out = {}
-  for m in methods:
-    name = f"{m}/{task}_k{k}_h{h}"
-    if m in ("lopt_a", "lagg_a") and name in pretrained.available():
-      out[m] = name
-  return out
-
-
 def cmd_evaluate(args) -> int:
   from optax_localsgd import evaluation, report, sweep
   methods = tuple(args.methods.split(","))
-  weights = _default_weights(methods, args.task, args.workers, args.local_steps)
+  from optax_localsgd import pretrained
+  weights = {m: name for m in methods if (name := pretrained.default_name(
+      m, args.task, args.workers, args.local_steps))}
   for w in args.weights or []:
     method, sep, name = w.partition("=")
     if not sep:

@@ -87,6 +87,13 @@ def available() -> list[str]:
   return sorted(names)
 
 
+def default_name(method: str, task: str, k: int, h: int) -> str | None:
+  """The bundled weights for ``method`` (``"lopt_a"`` / ``"lagg_a"``) trained on ``task`` with
+  ``k`` workers and ``h`` local steps, named ``METHOD/TASK_kK_hH``; ``None`` if none ship."""
+  name = f"{method}/{task}_k{k}_h{h}"
+  return name if method in ("lopt_a", "lagg_a") and name in available() else None
+
+
 def _is_bundled_name(path_or_name: PathLike) -> bool:
   """A ``str`` not ending in ``.npz`` names bundled weights (or else a run directory)."""
   return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
