@@ -320,11 +320,12 @@ def test_available_and_bundled_names(monkeypatch, tmp_path, lopt_meta):
 
 def test_an_installed_wheel_finds_the_weights_inside_the_package(tmp_path, lopt_meta):
   # A wheel installs the package folder with the weights in optax_localsgd/_pretrained
-  # (setup.py copies them there) and no pretrained/ beside it. Lay that out by hand and
-  # import it in a fresh interpreter, away from this checkout's pretrained/.
+  # (setup.py copies them there) and no pretrained/ beside it. Lay that out by hand, with
+  # weights of our own (not the installed package's, when it is a wheel itself), and import
+  # it in a fresh interpreter, away from this checkout's pretrained/.
   site = tmp_path / "site-packages"
   shutil.copytree(pathlib.Path(pretrained.__file__).parent, site / "optax_localsgd",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+                  ignore=shutil.ignore_patterns("__pycache__", "_pretrained"))
   bundle = site / "optax_localsgd" / "_pretrained"
   (bundle / "lopt_a").mkdir(parents=True)
   digest = pretrained.save(bundle / "lopt_a" / "wheel_k8_h4.npz", lopt_meta, INFO)
