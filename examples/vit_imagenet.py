@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import data, engine, pretrained, servers, tasks, trainer
+from optax_localsgd.errors import UsageError  # flags, data or files: one line, no traceback
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
@@ -50,10 +51,6 @@ GET_DATA = ("Get the official 'Downsampled ImageNet 32x32' (or '64x64') npz file
             "https://image-net.org/download-images (an ImageNet account is needed), unzip "
             "train_data_batch_1.npz .. train_data_batch_10.npz and val_data.npz into one "
             "folder, and pass it with --data-dir.")
-
-
-class UsageError(Exception):
-  """A problem with the flags, the data or a file, reported as one line, no traceback."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,8 +190,8 @@ def load_meta(args: argparse.Namespace):
     meta = pretrained.load(name)
     sha = pretrained.metadata(name)["arrays_sha256"]
   except ValueError as e:
-    raise UsageError(f"cannot load --weights {name!r}: {e}\nPass --weights PATH.npz (e.g. "
-                     f"the weights.npz of 'optax-localsgd meta-train'), or --untrained for "
+    raise UsageError(f"cannot load --weights {name!r}: {e}\nPass --weights PATH.npz or an "
+                     f"'optax-localsgd meta-train --out' directory, or --untrained for "
                      f"fresh, un-meta-trained weights.") from e
   return meta, f"arrays sha256 {sha}"
 
@@ -249,11 +246,11 @@ def write_log(log: dict, out: pathlib.Path) -> None:
 def plot_curve(log: dict, path: pathlib.Path) -> bool:
   """Mean local training loss and val accuracy (%) against rounds; False without matplotlib."""
   try:
-    from optax_localsgd.plotting import pyplot
-    plt = pyplot()
-  except ImportError:
+    from optax_localsgd.plotting import PlotsUnavailable, figure
+    fig = figure(figsize=(11, 4), layout="constrained")
+  except PlotsUnavailable:
     return False
-  fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+  ax_l, ax_a = fig.subplots(1, 2)
   ax_l.plot(log["rounds"], log["train_loss"], linewidth=0.8)
   ax_l.set(xlabel="communication round", ylabel="mean local training loss (nats)")
   ax_a.plot(log["eval_rounds"], [100 * a for a in log["val_accuracy"]], marker="o")
@@ -266,7 +263,6 @@ def plot_curve(log: dict, path: pathlib.Path) -> bool:
                f"{c['num_classes']} classes): {c['server']}, K={c['workers']}, "
                f"H={c['local_steps']}, B={c['batch_size']}")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return True
 
 

@@ -122,6 +122,19 @@ def test_sweep_and_evaluate_end_to_end_resume_from_cache(tmp_path, capsys):
   assert json.loads((tmp_path / "out" / "fmnist_mlp_k2_h1.json").read_text()) == first
 
 
+def test_sweep_default_output_works_outside_a_checkout(tmp_path, monkeypatch, capsys):
+  # From an installed package the current folder is anywhere; the default must not assume
+  # the source tree (it used to be src/optax_localsgd/tuned_hparams.json).
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["sweep", "-K", "2", "-H", "1", "-B", "8", "--rounds", "1", "--min-rounds",
+                   "1", "--eta", "2", "--grid", "reduced", "--methods", "local_sgd",
+                   "--quiet"]) == 0
+  written = json.loads((tmp_path / "runs" / "sweep" / "tuned_hparams.json").read_text())
+  assert set(written["fmnist_mlp/K2/H1/B8"]) == {"local_sgd"}
+  assert sweep.tuned_hparams("fmnist_mlp/K2/H1/B8", tmp_path / cli.SWEEP_OUT)["local_sgd"][
+      "local_lr"] in sweep.GAMMA_GRID
+
+
 def test_evaluate_without_tuned_hparams_is_a_clear_error(tmp_path, capsys):
   rc = cli.main(["evaluate", "-K", "3", "--methods", "local_sgd", "--hparams",
                  str(tmp_path / "none.json"), "--quiet"])

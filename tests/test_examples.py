@@ -183,13 +183,16 @@ def test_vit_errors_are_one_clear_line(tmp_path, imagenet_dir, capsys, monkeypat
       assert needle in err, (needle, err)
 
 
-def test_vit_defaults_to_the_bundled_imagenet_mlp_weights():
+@pytest.mark.parametrize("server", ["lopt_a", "lagg_a"])
+def test_vit_defaults_to_the_bundled_imagenet_mlp_weights(server, tmp_path):
   """The paper's ViT result uses optimizers meta-trained on the ImageNet MLP; so does ours."""
-  defaults = load_example("vit_imagenet").DEFAULT_WEIGHTS
-  assert defaults["lopt_a"] == "lopt_a/tiny_imagenet32_mlp_k8_h4"
-  for name in defaults.values():
-    assert name in ol.pretrained.available()
-    assert ol.pretrained.metadata(name)["info"]["tasks"] == ["imagenet32_mlp"]
+  vit = load_example("vit_imagenet")
+  args = vit.build_parser().parse_args(["--data-dir", str(tmp_path), "--server", server])
+  meta, identity = vit.load_meta(args)  # what a run without --weights trains with
+  name = f"{server}/tiny_imagenet32_mlp_k8_h4"
+  assert identity == f"arrays sha256 {ol.pretrained.metadata(name)['arrays_sha256']}"
+  assert meta.config == ol.pretrained.load(name).config
+  assert ol.pretrained.metadata(name)["info"]["tasks"] == ["imagenet32_mlp"]
 
 
 def test_custom_loop_without_weights_says_what_to_do(tmp_path, capsys):

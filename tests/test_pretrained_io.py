@@ -4,6 +4,10 @@ import json
 import os
 import pathlib
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 import zipfile
 from typing import NamedTuple
 
@@ -314,11 +318,27 @@ def test_available_and_bundled_names(monkeypatch, tmp_path, lopt_meta):
     pretrained.load("lopt_a/tiny_k9")
 
 
-def test_bundled_dir_candidates():
-  dirs = pretrained._bundled_dirs()
-  repo_dir = pathlib.Path(pretrained.__file__).resolve().parents[2] / "pretrained"
-  assert dirs == [d for d in dirs if d.is_dir()]
-  assert (repo_dir in dirs) == repo_dir.is_dir()
+def test_an_installed_wheel_finds_the_weights_inside_the_package(tmp_path, lopt_meta):
+  # A wheel installs the package folder with the weights in optax_localsgd/_pretrained
+  # (setup.py copies them there) and no pretrained/ beside it. Lay that out by hand, with
+  # weights of our own (not the installed package's, when it is a wheel itself), and import
+  # it in a fresh interpreter, away from this checkout's pretrained/.
+  site = tmp_path / "site-packages"
+  shutil.copytree(pathlib.Path(pretrained.__file__).parent, site / "optax_localsgd",
+                  ignore=shutil.ignore_patterns("__pycache__", "_pretrained"))
+  bundle = site / "optax_localsgd" / "_pretrained"
+  (bundle / "lopt_a").mkdir(parents=True)
+  digest = pretrained.save(bundle / "lopt_a" / "wheel_k8_h4.npz", lopt_meta, INFO)
+  (bundle / "MANIFEST.json").write_text(json.dumps({"lopt_a/wheel_k8_h4": {"sha256": digest}}))
+  script = ("import optax_localsgd as ol; print(ol.__file__); "
+            "print(ol.pretrained.available()); "
+            "print(ol.pretrained.load('lopt_a/wheel_k8_h4').config.kind)")
+  r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(site)))
+  assert r.returncode == 0, r.stderr[-2000:]
+  where, names, kind = r.stdout.splitlines()
+  assert pathlib.Path(where).is_relative_to(site)  # the copy, not this checkout
+  assert names == "['lopt_a/wheel_k8_h4']" and kind == "lopt_a"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,3 +560,33 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
     if k is not None:
       assert f"_k{k}_" in name
     assert name.endswith(f"_k{info['K']}_h{info['H']}"), "the name must say K and H"
+
+
+def test_a_meta_train_run_directory_loads_its_weights(tmp_path, lopt_meta):
+  run = tmp_path / "run"  # what `meta-train --out run` leaves: weights.npz among other files
+  run.mkdir()
+  (run / "log.json").write_text("{}")
+  digest = pretrained.save(run / "weights.npz", lopt_meta, INFO)
+  for spec in (run, str(run)):
+    assert _bits(pretrained.load(spec).mlp["w0"]) == _bits(lopt_meta.mlp["w0"])
+    assert pretrained.resolve(spec) == run / "weights.npz"
+    assert pretrained.metadata(spec)["info"] == INFO
+  assert pretrained.load(run, expected_sha256=digest).config == lopt_meta.config
+  with pytest.raises(ValueError, match="is not a bundled name"):
+    pretrained.bundled_sha256(str(run))
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for spec in (empty, str(empty)):
+    with pytest.raises(ValueError, match=re.escape(
+        f"{empty} is a directory without weights.npz (looked for {empty / 'weights.npz'})")):
+      pretrained.load(spec)
+
+
+def test_a_bundled_name_wins_over_a_folder_of_the_same_name(monkeypatch, tmp_path, lopt_meta):
+  path, digest = _bundle(monkeypatch, tmp_path / "bundle", lopt_meta)
+  (tmp_path / "bundle" / "MANIFEST.json").write_text(
+      json.dumps({"lopt_a/tiny_k8": {"sha256": digest}}))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "lopt_a" / "tiny_k8").mkdir(parents=True)  # a local folder, no weights in it
+  assert pretrained.resolve("lopt_a/tiny_k8") == path

@@ -6,6 +6,7 @@ stacked over workers on a new leading axis. The output is added with ``optax.app
 """
 
 from optax_localsgd._version import __version__
+from optax_localsgd.errors import UsageError
 from optax_localsgd.features import AdaAccumulators
 from optax_localsgd.meta_params import (LearnedOptimizerConfig, MetaParams, init_lagg_a,
                                         init_lopt_a)
@@ -15,6 +16,6 @@ from optax_localsgd.transforms import (LearnedOptState, LocalSGDState, SlowMoSta
 
 __all__ = [
     "AdaAccumulators", "LearnedOptState", "LearnedOptimizerConfig", "LocalSGDState",
-    "MetaParams", "SlowMoState", "__version__", "init_lagg_a", "init_lopt_a", "lagg_a",
-    "local_sgd", "lopt_a", "pretrained", "slowmo",
+    "MetaParams", "SlowMoState", "UsageError", "__version__", "init_lagg_a", "init_lopt_a",
+    "lagg_a", "local_sgd", "lopt_a", "pretrained", "slowmo",
 ]

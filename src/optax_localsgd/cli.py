@@ -1,4 +1,5 @@
-"""The ``optax-localsgd`` command: ``train`` one configuration, or ``demo`` a comparison."""
+"""The ``optax-localsgd`` command: ``train``, ``demo``, ``meta-train``, ``evaluate``, ``sweep``
+and ``publish``; ``optax-localsgd COMMAND --help`` documents each."""
 
 from __future__ import annotations
 
@@ -6,16 +7,15 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 
 from optax_localsgd import servers, tasks
+from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
+from optax_localsgd.errors import UsageError
 
-# Paper Table 5, FMNIST 2-layer MLP, K = 8, H = 4: tuned local learning rates and SlowMo's
-# (gamma, alpha, beta).
-DEMO_RUNS = (
-    ("local SGD", dict(server="local_sgd", local_lr=0.3)),
-    ("SlowMo", dict(server="slowmo", local_lr=0.1, server_lr=1.0, momentum=0.95)),
-)
-DEMO_TARGETS = (0.5, 0.3)
+# Relative to the current folder, not the source tree: it must work from an installed package.
+# The file the package ships (sweep.tuned_hparams) is updated only by passing its path.
+SWEEP_OUT = "runs/sweep/tuned_hparams.json"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help="rounds between evaluations of the global model")
   p.add_argument("--weights", default=None,
                  help="lopt_a / lagg_a weights: a bundled name (optax_localsgd.pretrained."
-                 "available()) or a .npz path; default: the bundled SERVER/TASK_kK_hH if it "
-                 "exists, else fresh, un-meta-trained weights")
+                 "available()), a .npz path or a meta-train --out directory; default: the "
+                 "bundled SERVER/TASK_kK_hH if it exists, else fresh, un-meta-trained weights")
   p.add_argument("--devices", type=int, default=1,
                  help="spread the workers over this many devices (must divide K)")
   p.add_argument("--data-dir", default=None,
@@ -64,12 +64,25 @@ def _config(args):
       data_dir=args.data_dir)
 
 
+def _save_plot(draw: Callable[[pathlib.Path], None], path: pathlib.Path) -> bool:
+  """``draw(path)``; without matplotlib, one line on stderr saying how to get the PNG."""
+  from optax_localsgd.plotting import INSTALL_HINT, PlotsUnavailable
+  try:
+    draw(path)
+    return True
+  except PlotsUnavailable:
+    # The numbers are in the JSON next to it; the plot is optional (the `plot` extra).
+    print(f"note: no {path}: matplotlib is not installed ({INSTALL_HINT}).", file=sys.stderr)
+    return False
+
+
 def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: str) -> None:
   from optax_localsgd.plotting import plot_histories
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(histories, indent=1) + "\n")
-  plot_histories(histories, out / f"{name}.png", title)
-  print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}", file=sys.stderr)
+  png = out / f"{name}.png"
+  plotted = _save_plot(lambda p: plot_histories(histories, p, title), png)
+  print(f"wrote {out / (name + '.json')}" + (f" and {png}" if plotted else ""), file=sys.stderr)
 
 
 def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None):
@@ -77,7 +90,7 @@ def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None
   from optax_localsgd import pretrained
   if server not in ("lopt_a", "lagg_a"):
     return None, None
-  name = weights or _default_weights([server], task, k, h).get(server)
+  name = weights or pretrained.default_name(server, task, k, h)
   if name is None:
     print(f"note: {server} runs with fresh, un-meta-trained weights (no bundled "
           f"{server}/{task}_k{k}_h{h}; pass --weights).", file=sys.stderr)
@@ -97,47 +110,14 @@ def cmd_train(args) -> int:
   return 0
 
 
-def demo_runs() -> list[tuple[str, dict, object]]:
-  """(label, TrainConfig overrides, meta-params) of the demo: the baselines with the paper's
-  tuned values, then every bundled learned optimizer for this setting."""
-  from optax_localsgd import pretrained
-  from optax_localsgd.evaluation import LABELS
-  runs = [(label, kw, None) for label, kw in DEMO_RUNS]
-  for server, name in sorted(_default_weights(("lopt_a", "lagg_a"), "fmnist_mlp", 8, 4).items()):
-    local_lr = pretrained.metadata(name)["info"].get("local_lr", 0.3)
-    runs.append((f"{LABELS[server]} ({name})",
-                 dict(server=server, local_lr=local_lr), pretrained.load(name, num_workers=8)))
-  return runs
-
-
 def cmd_demo(args) -> int:
-  from optax_localsgd import trainer
-  histories = []
-  for label, kw, meta in demo_runs():
-    cfg = trainer.TrainConfig(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128,
-                              rounds=args.rounds, seed=args.seed, eval_every=args.eval_every,
-                              data_dir=args.data_dir, **kw)
-    histories.append(trainer.train(cfg, meta_params=meta, progress=not args.quiet, label=label))
-  print(demo_table(histories, args.rounds))
+  from optax_localsgd import demo
+  histories = demo.train_all(args.rounds, seed=args.seed, eval_every=args.eval_every,
+                             data_dir=args.data_dir, progress=not args.quiet)
+  print(demo.table(histories, args.rounds))
   _write_outputs(pathlib.Path(args.out), "demo", histories,
                  "Fashion-MNIST 2-layer MLP, K=8 workers, H=4 local steps")
   return 0
-
-
-def demo_table(histories: list[dict], rounds: int) -> str:
-  """Markdown comparison of demo runs."""
-  from optax_localsgd.trainer import rounds_to_reach
-  head = (f"| optimizer | training loss @ {rounds} | "
-          + " | ".join(f"rounds to {t}" for t in DEMO_TARGETS) + " | test accuracy | time (s) |")
-  lines = [head, "|" + " --- |" * (4 + len(DEMO_TARGETS))]
-  for h in histories:
-    reach = [rounds_to_reach(h, t) for t in DEMO_TARGETS]
-    lines.append(f"| {h['label']} | {h['global_train_loss'][-1]:.4f} | "
-                 + " | ".join("-" if r is None else str(r) for r in reach)
-                 + f" | {100 * h.get('test_accuracy', float('nan')):.2f}% | {h['wall_s']:.0f} |")
-  lines.append("\nTraining loss: the global model's loss on a fixed 10,000-example subset of "
-               "the training set; rounds are counted at evaluation points.")
-  return "\n".join(lines)
 
 
 def cmd_meta_train(args) -> int:
@@ -169,28 +149,23 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
   seeds: list[int] = []
   for part in text.split(","):
     lo, _, hi = part.partition("-")
-    seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    try:
+      seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+      raise UsageError(f"--seeds expects e.g. 100-109 or 100,101, got {text!r}.") from None
   return tuple(seeds)
-
-
-def _default_weights(methods, task: str, k: int, h: int) -> dict[str, str]:
-  from optax_localsgd import pretrained
-  out = {}
-  for m in methods:
-    name = f"{m}/{task}_k{k}_h{h}"
-    if m in ("lopt_a", "lagg_a") and name in pretrained.available():
-      out[m] = name
-  return out
 
 
 def cmd_evaluate(args) -> int:
   from optax_localsgd import evaluation, report, sweep
   methods = tuple(args.methods.split(","))
-  weights = _default_weights(methods, args.task, args.workers, args.local_steps)
+  from optax_localsgd import pretrained
+  weights = {m: name for m in methods if (name := pretrained.default_name(
+      m, args.task, args.workers, args.local_steps))}
   for w in args.weights or []:
     method, sep, name = w.partition("=")
     if not sep:
-      raise ValueError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
+      raise UsageError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
     weights[method] = name
   cfg = evaluation.EvalConfig(
       task=args.task, workers=args.workers, local_steps=args.local_steps,
@@ -210,15 +185,16 @@ def cmd_evaluate(args) -> int:
                              if m in weights else hparams[m])
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  report.plot_curves(cfg, runs, out / f"{name}.png")
+  plotted = _save_plot(lambda p: report.plot_curves(cfg, runs, p), out / f"{name}.png")
   command = "optax-localsgd " + " ".join(args.argv)
-  text = report.markdown(cfg, summary, command, f"{name}.png",
+  text = report.markdown(cfg, summary, command, f"{name}.png" if plotted else None,
                          borrowed_hparams_key=key if key != own_key else None)
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(
       {"command": command, "hparams_key": key, "summary": summary}, indent=1) + "\n")
   print(text)
-  print(f"wrote {out / (name + '.md')}, .json and .png", file=sys.stderr)
+  print(f"wrote {out / (name + '.md')}, .json" + (" and .png" if plotted else ""),
+        file=sys.stderr)
   return 0
 
 
@@ -272,16 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--quiet", action="store_true", help="no progress bar")
   t.set_defaults(fn=cmd_train)
   d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
-                     description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128, with the paper's "
-                     "tuned hyperparameters, against every bundled learned optimizer for this setting; "
-                     "prints a comparison table and writes "
-                     "OUT/demo.json and OUT/demo.png.")
-  d.add_argument("--rounds", type=int, default=150)
-  d.add_argument("--eval-every", type=int, default=10)
+                     description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128: local SGD and "
+                     "SlowMo with the paper's tuned hyperparameters, DiLoCo with the package's "
+                     "tuned ones, and every bundled learned optimizer for this setting; prints "
+                     "a comparison table and writes OUT/demo.json and (with matplotlib) "
+                     "OUT/demo.png.")
+  d.add_argument("--rounds", type=int, default=150, help="communication rounds per optimizer")
+  d.add_argument("--eval-every", type=int, default=10,
+                 help="rounds between evaluations of the global model")
   d.add_argument("--seed", type=int, default=0)
-  d.add_argument("--data-dir", default=None)
-  d.add_argument("--out", default="runs/demo")
-  d.add_argument("--quiet", action="store_true")
+  d.add_argument("--data-dir", default=None, help="dataset directory")
+  d.add_argument("--out", default="runs/demo", help="output directory")
+  d.add_argument("--quiet", action="store_true", help="no progress bars")
   d.set_defaults(fn=cmd_demo)
   m = sub.add_parser(
       "meta-train", help="meta-train LOpt-A or LAgg-A with PES",
@@ -361,14 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
       description="Successive halving over the grids of optax_localsgd.sweep; the winners are "
-      "stored under TASK/KK/HH/BB in the JSON file --out.")
+      "stored under TASK/KK/HH/BB in the JSON file --out (other entries are kept).")
   _add_setting_args(s)
   s.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam")
   s.add_argument("--rounds", type=int, default=1000, help="the last rung's rounds")
   s.add_argument("--min-rounds", type=int, default=37, help="the first rung's rounds")
   s.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
   s.add_argument("--grid", choices=("paper", "reduced"), default="paper")
-  s.add_argument("--out", default="src/optax_localsgd/tuned_hparams.json")
+  s.add_argument("--out", default=SWEEP_OUT,
+                 help="JSON file to add the winners to, created with its folders if missing "
+                 "(default %(default)s, relative to the current folder; pass it to evaluate "
+                 "--hparams)")
   s.set_defaults(fn=cmd_sweep)
   pub = sub.add_parser(
       "publish", help="ship a meta-training run's weights under pretrained/ with a model card",
@@ -387,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   args.argv = argv
-  from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
   for name in ("workers", "local_steps", "batch_size", "rounds", "eval_every", "devices",
                "outer_steps", "tasks_per_estimate", "truncation", "checkpoint_every"):
     if getattr(args, name, 1) < 1:
@@ -395,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
       return 2
   try:
     return args.fn(args)
-  except (DatasetNotFoundError, CorruptDatasetError, ValueError) as e:
+  except (DatasetNotFoundError, CorruptDatasetError, UsageError) as e:
+    # Mistakes in the user's input, said in one line. Anything else is a bug: let it
+    # propagate with its traceback.
     print(f"optax-localsgd: error: {e}", file=sys.stderr)
     return 2
 

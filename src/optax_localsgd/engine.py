@@ -25,6 +25,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_localsgd.errors import UsageError
+
 WORKER_AXIS = "workers"
 LossFn = Callable[[Any, Any], jax.Array]
 BatchFn = Callable[[Any, jax.Array], Any]
@@ -166,7 +168,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     if WORKER_AXIS not in mesh.axis_names:
       raise ValueError(f"The mesh needs an axis named {WORKER_AXIS!r}; it has {mesh.axis_names}.")
     if k % mesh.shape[WORKER_AXIS]:
-      raise ValueError(f"K={k} workers cannot be split evenly over the mesh's "
+      raise UsageError(f"K={k} workers cannot be split evenly over the mesh's "
                        f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
 
   def workers(params, keys, data):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from optax_localsgd import pretrained, trainer
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta_params import MetaParams
 
 # Seeds of the evaluation. Meta-training uses its own seed stream (``MetaTrainConfig.seed``,
@@ -72,14 +73,14 @@ class EvalConfig:
   def __post_init__(self):
     unknown = sorted(set(self.methods) - set(BASELINES) - set(LEARNED))
     if unknown:
-      raise ValueError(f"Unknown methods {unknown}; choose from {BASELINES + LEARNED}.")
+      raise UsageError(f"Unknown methods {unknown}; choose from {BASELINES + LEARNED}.")
     if "local_sgd" not in self.methods:
-      raise ValueError("The speedup is relative to local SGD: include 'local_sgd' in methods.")
+      raise UsageError("The speedup is relative to local SGD: include 'local_sgd' in methods.")
     missing = [m for m in self.methods if m in LEARNED and m not in dict(self.weights)]
     if missing:
-      raise ValueError(f"No weight file given for {missing}; pass --weights METHOD=NAME.")
+      raise UsageError(f"No weight file given for {missing}; pass --weights METHOD=NAME.")
     if not self.seeds:
-      raise ValueError("At least one seed is needed.")
+      raise UsageError("At least one seed is needed.")
 
 
 def run_config(cfg: EvalConfig, method: str, seed: int, hparams: Mapping[str, Any],
@@ -94,7 +95,7 @@ def run_config(cfg: EvalConfig, method: str, seed: int, hparams: Mapping[str, An
     hp = {"local_lr": meta_local_lr}
   else:
     if method not in hparams:
-      raise ValueError(f"No tuned hyperparameters for {method!r} on {cfg.task} "
+      raise UsageError(f"No tuned hyperparameters for {method!r} on {cfg.task} "
                        f"K={cfg.workers} H={cfg.local_steps}; run `optax-localsgd sweep` first.")
     hp = dict(hparams[method])
   return trainer.TrainConfig(
@@ -127,7 +128,7 @@ def run_all(cfg: EvalConfig, hparams: Mapping[str, Any], cache_dir: pathlib.Path
     if m in LEARNED:
       metas[m] = pretrained.load(weights[m])
       if metas[m].config.kind != m:
-        raise ValueError(f"--weights {m}={weights[m]} holds {metas[m].config.kind} weights.")
+        raise UsageError(f"--weights {m}={weights[m]} holds {metas[m].config.kind} weights.")
       info = pretrained.metadata(weights[m]).get("info", {})
       local_lrs[m] = float(info.get("local_lr", 0.3))
       shas[m] = pretrained.file_sha256(pretrained.resolve(weights[m]))

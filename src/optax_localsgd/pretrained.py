@@ -11,184 +11,49 @@ A weight file is one ``.npz`` archive (a ZIP of ``.npy`` arrays, no compression)
      "arrays_sha256": "<hex>"}
 
 ``arrays_sha256`` covers every array (not the metadata), in name order; see
-:func:`_arrays_sha256`. Files are read with ``np.load(..., allow_pickle=False)``, so a
-downloaded file can at worst be rejected, never execute code. Writes are atomic (temporary
-file in the same folder, fsync, ``os.replace``) and byte-for-byte reproducible: the same
-weights, config and info always give the same file and the same :func:`file_sha256`.
+:func:`optax_localsgd._npz._arrays_sha256`. Files are read with
+``np.load(..., allow_pickle=False)``, so a downloaded file can at worst be rejected, never
+execute code. Writes are atomic (temporary file in the same folder, fsync, ``os.replace``)
+and byte-for-byte reproducible: the same weights, config and info always give the same file
+and the same :func:`file_sha256`.
 
 Bundled weights live in the top-level ``pretrained/`` folder of a source checkout, or in
 ``optax_localsgd/_pretrained`` inside an installed wheel, and are named by their relative path
-without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`). :func:`load`
+also takes the output directory of ``optax-localsgd meta-train --out DIR`` and reads
+``DIR/weights.npz``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import importlib.resources
 import json
 import os
 import pathlib
 import re
-import tempfile
-import zipfile
-from collections.abc import Iterator, Mapping
-from typing import Any, Union
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import features
+# The npz file layer (shared with meta.checkpoint).
+from optax_localsgd._npz import (METADATA_KEY, PathLike, _arrays_sha256, _little_endian,
+                                 _metadata_array, _open_npz, _read_member, _read_metadata,
+                                 _sha256_of_stream, _write_npz_atomic)
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta_params import (SIGN_CONVENTION,
                                         LearnedOptimizerConfig, MetaParams, mlp_shapes)
 
 FORMAT = "optax-localsgd-weights"
 FORMAT_VERSION = 1
-METADATA_KEY = "__metadata__"
+RUN_WEIGHTS = "weights.npz"  # what `optax-localsgd meta-train --out DIR` writes in DIR
 MLP_NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 ARRAY_NAMES = tuple(f"mlp/{n}" for n in MLP_NAMES) + ("decay_offsets",)
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-# Fixed ZIP member timestamp (the earliest ZIP can store), so files are reproducible.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with optax_localsgd.meta.checkpoint.
-
-
-def _little_endian(arr: np.ndarray) -> np.ndarray:
-  """``arr`` as a C-contiguous little-endian array (same values, same dtype kind)."""
-  arr = np.asarray(arr)
-  arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-  # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
-  return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
-def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-  """Hex sha256 over ``arrays`` in sorted-name order.
-
-  For each array the digest takes the line ``json.dumps([name, dtype.str, list(shape)])``
-  (UTF-8, ``dtype.str`` of the little-endian dtype, e.g. ``"<f4"``), a ``"\\n"``, then the raw
-  C-order little-endian bytes of the array.
-  """
-  h = hashlib.sha256()
-  for name in sorted(arrays):
-    arr = _little_endian(arrays[name])
-    h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode("utf-8"))
-    h.update(b"\n")
-    h.update(arr.tobytes(order="C"))
-  return h.hexdigest()
-
-
-def _metadata_array(metadata: Mapping[str, Any]) -> np.ndarray:
-  """``metadata`` as strict JSON (sorted keys, no NaN/inf) in a 1-D uint8 array."""
-  text = json.dumps(metadata, sort_keys=True, allow_nan=False, ensure_ascii=False)
-  return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-
-def _write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
-  """Writes ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically.
-
-  The archive goes to a temporary file in the destination folder, is fsync'ed and then
-  ``os.replace``'d over ``path``, so a reader sees either the old file or the complete new one.
-  Members are written in the given order with a fixed timestamp (reproducible bytes).
-
-  Returns:
-    The hex sha256 of the written file.
-  """
-  path = pathlib.Path(path)
-  directory = path.parent if str(path.parent) else pathlib.Path(".")
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w+b") as f:
-      with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-          info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
-          info.external_attr = 0o644 << 16
-          with zf.open(info, "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
-      f.flush()
-      os.fsync(f.fileno())
-      f.seek(0)
-      digest = _sha256_of_stream(f)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-  _fsync_dir(directory)
-  return digest
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-  """Best-effort fsync of a folder so the rename itself survives a crash (POSIX only)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def _sha256_of_stream(f) -> str:
-  h = hashlib.sha256()
-  for chunk in iter(lambda: f.read(1 << 20), b""):
-    h.update(chunk)
-  return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _open_npz(path: pathlib.Path, what: str, error: type[ValueError]) -> Iterator[Any]:
-  """Opens ``path`` with ``np.load(allow_pickle=False)``; errors become ``error`` naming it."""
-  try:
-    loaded = np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise error(f"{what} {path} is not a readable .npz archive: {e}") from e
-  if not isinstance(loaded, np.lib.npyio.NpzFile):
-    raise error(f"{what} {path} is a single .npy array, not an .npz archive.")
-  with loaded:
-    yield loaded
-
-
-def _read_member(npz, name: str, path: pathlib.Path, what: str,
-                 error: type[ValueError]) -> np.ndarray:
-  """One array of an open npz; pickled / non-.npy / CRC-failing members raise ``error``."""
-  try:
-    arr = npz[name]
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-    raise error(f"{what} {path} is corrupt or unreadable (member {name!r}): {e}") from e
-  if not isinstance(arr, np.ndarray):
-    raise error(f"{what} {path}: member {name!r} is not a .npy array.")
-  return arr
-
-
-def _read_metadata(npz, path: pathlib.Path, what: str, error: type[ValueError]) -> dict:
-  """Decodes the ``__metadata__`` member of an open npz into a dict."""
-  if METADATA_KEY not in npz.files:
-    raise error(f"{what} {path} has no {METADATA_KEY!r} entry; it was not written by "
-                f"optax-localsgd (or was re-saved without it).")
-  raw = _read_member(npz, METADATA_KEY, path, what, error)
-  if raw.dtype != np.uint8 or raw.ndim != 1:
-    raise error(f"{what} {path}: {METADATA_KEY!r} must be a 1-D uint8 array of UTF-8 JSON, "
-                f"got dtype {raw.dtype} shape {raw.shape}.")
-  try:
-    meta = json.loads(raw.tobytes().decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise error(f"{what} {path}: {METADATA_KEY!r} is not valid UTF-8 JSON: {e}") from e
-  if not isinstance(meta, dict):
-    raise error(f"{what} {path}: {METADATA_KEY!r} must be a JSON object, got "
-                f"{type(meta).__name__}.")
-  return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,38 +87,62 @@ def available() -> list[str]:
   return sorted(names)
 
 
+def default_name(method: str, task: str, k: int, h: int) -> str | None:
+  """The bundled weights for ``method`` (``"lopt_a"`` / ``"lagg_a"``) trained on ``task`` with
+  ``k`` workers and ``h`` local steps, named ``METHOD/TASK_kK_hH``; ``None`` if none ship."""
+  name = f"{method}/{task}_k{k}_h{h}"
+  return name if method in ("lopt_a", "lagg_a") and name in available() else None
+
+
 def _is_bundled_name(path_or_name: PathLike) -> bool:
-  """A ``str`` not ending in ``.npz`` names bundled weights; anything else is a path."""
+  """A ``str`` not ending in ``.npz`` names bundled weights (or else a run directory)."""
   return isinstance(path_or_name, str) and not path_or_name.endswith(".npz")
 
 
-def _resolve(path_or_name: PathLike) -> pathlib.Path:
-  """A path to a file, from a path (``os.PathLike`` or ``str`` ending in ``.npz``) or a name.
+def _run_weights(directory: pathlib.Path) -> pathlib.Path:
+  """``directory/weights.npz``, the file ``meta-train --out directory`` ends with."""
+  path = directory / RUN_WEIGHTS
+  if not path.is_file():
+    raise UsageError(
+        f"{directory} is a directory without {RUN_WEIGHTS} (looked for {path}). meta-train "
+        f"writes it when a run finishes; an unfinished run exports its checkpoint with "
+        f"`optax-localsgd meta-train ... --resume --stop-after 0 --export-partial`.")
+  return path
 
-  Any ``str`` not ending in ``.npz`` is a bundled name; this never depends on the current
-  folder, so a stray local file cannot shadow bundled weights.
+
+def _locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
+  """(the weight file, its bundled name or ``None``) for a path, a run directory or a name.
+
+  A ``str`` not ending in ``.npz`` is first a bundled name and only then a directory, so a
+  local folder cannot shadow bundled weights; pass a ``pathlib.Path`` to mean the folder.
   """
   if not isinstance(path_or_name, (str, os.PathLike)):
     raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")
   if not _is_bundled_name(path_or_name):
     path = pathlib.Path(path_or_name)
+    if path.is_dir():
+      return _run_weights(path), None
     if not path.is_file():
-      raise ValueError(f"Weight file {path} does not exist (or is not a file).")
-    return path
+      raise UsageError(f"Weight file {path} does not exist (or is not a file).")
+    return path, None
   name = path_or_name
   if _NAME_RE.match(name) and ".." not in name.split("/"):
     for d in _bundled_dirs():
       path = d / f"{name}.npz"
       if path.is_file():
-        return path
-  raise ValueError(
-      f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. "
-      f"To load a file, pass a pathlib.Path or a path ending in '.npz'.")
+        return path, name
+  if name and pathlib.Path(name).is_dir():  # "" would be the current folder
+    return _run_weights(pathlib.Path(name)), None
+  raise UsageError(
+      f"Unknown pretrained weights {name!r}. Bundled: {available() or 'none'}. To load your "
+      f"own, pass a path ending in '.npz' or a run directory holding {RUN_WEIGHTS} "
+      f"(meta-train --out DIR).")
 
 
 def resolve(path_or_name: PathLike) -> pathlib.Path:
-  """The file behind a bundled name (see :func:`available`) or a path; ValueError if none."""
-  return _resolve(path_or_name)
+  """The weight file behind a bundled name (see :func:`available`), a path to a ``.npz``
+  file, or a run directory holding ``weights.npz``; :class:`UsageError` if there is none."""
+  return _locate(path_or_name)[0]
 
 
 MANIFEST = "MANIFEST.json"
@@ -265,7 +154,9 @@ def bundled_sha256(name: str) -> str:
   Raises:
     ValueError: ``name`` is not bundled, or the manifest has no entry for it.
   """
-  path = _resolve(name)
+  path, bundled = _locate(name)
+  if bundled is None:
+    raise UsageError(f"{name!r} is not a bundled name; only bundled weights have a manifest.")
   root = path.parents[len(pathlib.PurePosixPath(name).parts) - 1]
   manifest = root / MANIFEST
   try:
@@ -372,12 +263,12 @@ def _expected_shapes(cfg: LearnedOptimizerConfig) -> dict[str, tuple[int, ...]]:
 def _check_header(meta: dict, path: pathlib.Path) -> None:
   fmt = meta.get("format")
   if fmt != FORMAT:
-    raise ValueError(f"Weight file {path} has format tag {fmt!r}, expected {FORMAT!r}.")
+    raise UsageError(f"Weight file {path} has format tag {fmt!r}, expected {FORMAT!r}.")
   version = meta.get("format_version")
   if isinstance(version, bool) or not isinstance(version, int):
-    raise ValueError(f"Weight file {path} has an invalid format_version {version!r}.")
+    raise UsageError(f"Weight file {path} has an invalid format_version {version!r}.")
   if version != FORMAT_VERSION:
-    raise ValueError(
+    raise UsageError(
         f"Weight file {path} has format_version {version}; this version of optax-localsgd "
         f"reads format_version {FORMAT_VERSION}"
         + (" (upgrade optax-localsgd)." if version > FORMAT_VERSION else "."))
@@ -386,12 +277,12 @@ def _check_header(meta: dict, path: pathlib.Path) -> None:
 def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig:
   """Rebuilds the config; JSON lists become tuples; incompatible feature sets are refused."""
   if not isinstance(config, dict):
-    raise ValueError(f"Weight file {path}: metadata 'config' must be a JSON object, got "
+    raise UsageError(f"Weight file {path}: metadata 'config' must be a JSON object, got "
                      f"{type(config).__name__}.")
   fields = {f.name for f in dataclasses.fields(LearnedOptimizerConfig)}
   unknown = sorted(set(config) - fields)
   if unknown:
-    raise ValueError(f"Weight file {path}: unknown config fields {unknown} (written by a "
+    raise UsageError(f"Weight file {path}: unknown config fields {unknown} (written by a "
                      f"newer optax-localsgd?).")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
   # Files written before feature sets had versions were all ada-v1; never let them silently
@@ -400,9 +291,9 @@ def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig
   try:
     cfg = LearnedOptimizerConfig(**kwargs)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"Weight file {path}: invalid config: {e}") from e
+    raise UsageError(f"Weight file {path}: invalid config: {e}") from e
   if cfg.sign_convention != SIGN_CONVENTION:
-    raise ValueError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
+    raise UsageError(f"Weight file {path} uses sign convention {cfg.sign_convention!r}; "
                      f"this version of optax-localsgd uses {SIGN_CONVENTION!r}.")
   return cfg
 
@@ -414,14 +305,14 @@ def metadata(path_or_name: PathLike) -> dict:
   neither loaded nor verified (use :func:`load` for that).
 
   Args:
-    path_or_name: a path (``pathlib.Path`` or a ``str`` ending in ``.npz``) or a bundled name.
+    path_or_name: as for :func:`load`.
 
   Raises:
-    ValueError: unknown name, unreadable file, missing/invalid metadata, wrong format.
+    UsageError: unknown name, unreadable file, missing/invalid metadata, wrong format.
   """
-  path = _resolve(path_or_name)
-  with _open_npz(path, "Weight file", ValueError) as npz:
-    meta = _read_metadata(npz, path, "Weight file", ValueError)
+  path = resolve(path_or_name)
+  with _open_npz(path, "Weight file", UsageError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", UsageError)
   _check_header(meta, path)
   return meta
 
@@ -431,8 +322,10 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
   """Loads and verifies a weight file written by :func:`save`.
 
   Args:
-    path_or_name: a path (``pathlib.Path``, or a ``str`` ending in ``.npz``) or a bundled
-      name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`).
+    path_or_name: a bundled name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see
+      :func:`available`); a weight file (``pathlib.Path``, or a ``str`` ending in ``.npz``);
+      or a run directory holding ``weights.npz``, as ``meta-train --out DIR`` leaves it
+      (a bundled name wins over a folder of the same name).
     expected_sha256: hex sha256 of the whole file as published; checked before anything in
       the file is parsed. Bundled names are always checked against ``MANIFEST.json``.
     num_workers: the K you will train with; LAgg-A weights built for another K are refused.
@@ -441,47 +334,49 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
     :class:`MetaParams` with float32 arrays bit-identical to those saved and an equal config.
 
   Raises:
-    ValueError: naming the file and the problem: unknown name, unreadable / not an npz /
-      pickled content, missing metadata, wrong format tag or version, missing or extra arrays,
-      shapes or dtypes that do not match the config, ``arrays_sha256`` mismatch (corrupt or
-      modified), whole-file sha256 different from ``expected_sha256`` or from the manifest,
-      or LAgg-A weights for a K other than ``num_workers``.
+    UsageError: (a ``ValueError``) naming the file and the problem: unknown name, a
+      directory without ``weights.npz``, unreadable / not an npz / pickled content, missing
+      metadata, wrong format tag or version, missing or extra arrays, shapes or dtypes that
+      do not match the config, ``arrays_sha256`` mismatch (corrupt or modified), whole-file
+      sha256 different from ``expected_sha256`` or from the manifest, or LAgg-A weights for
+      a K other than ``num_workers``.
+    ValueError: a bundled name whose ``MANIFEST.json`` entry is missing (a broken install).
   """
-  path = _resolve(path_or_name)
-  if expected_sha256 is None and _is_bundled_name(path_or_name):
-    expected_sha256 = bundled_sha256(path_or_name)
+  path, bundled = _locate(path_or_name)
+  if expected_sha256 is None and bundled is not None:
+    expected_sha256 = bundled_sha256(bundled)
   if expected_sha256 is not None:
     actual = file_sha256(path)
     if actual != expected_sha256.strip().lower():
-      raise ValueError(f"Weight file {path} has sha256 {actual}, expected {expected_sha256}: "
+      raise UsageError(f"Weight file {path} has sha256 {actual}, expected {expected_sha256}: "
                        f"the file is not the one published (corrupt, truncated or modified).")
-  with _open_npz(path, "Weight file", ValueError) as npz:
-    meta = _read_metadata(npz, path, "Weight file", ValueError)
+  with _open_npz(path, "Weight file", UsageError) as npz:
+    meta = _read_metadata(npz, path, "Weight file", UsageError)
     _check_header(meta, path)
     cfg = _config_from_json(meta.get("config"), path)
     names = set(npz.files) - {METADATA_KEY}
     missing = sorted(set(ARRAY_NAMES) - names)
     extra = sorted(names - set(ARRAY_NAMES))
     if missing or extra:
-      raise ValueError(f"Weight file {path} has the wrong arrays: missing {missing}, "
+      raise UsageError(f"Weight file {path} has the wrong arrays: missing {missing}, "
                        f"unexpected {extra}.")
-    arrays = {n: _read_member(npz, n, path, "Weight file", ValueError) for n in ARRAY_NAMES}
+    arrays = {n: _read_member(npz, n, path, "Weight file", UsageError) for n in ARRAY_NAMES}
   for name, shape in _expected_shapes(cfg).items():
     arr = arrays[name]
     if arr.shape != shape:
-      raise ValueError(f"Weight file {path}: {name} has shape {arr.shape}, but its config "
+      raise UsageError(f"Weight file {path}: {name} has shape {arr.shape}, but its config "
                        f"({cfg.kind}, {cfg.num_inputs} inputs, hidden {cfg.hidden_size}) "
                        f"implies {shape}.")
     if arr.dtype != np.float32:
-      raise ValueError(f"Weight file {path}: {name} has dtype {arr.dtype}, expected float32.")
+      raise UsageError(f"Weight file {path}: {name} has dtype {arr.dtype}, expected float32.")
   stored = meta.get("arrays_sha256")
   actual = _arrays_sha256(arrays)
   if stored != actual:
-    raise ValueError(f"Weight file {path} is corrupt or modified: its arrays hash to "
+    raise UsageError(f"Weight file {path} is corrupt or modified: its arrays hash to "
                      f"{actual}, but its metadata records arrays_sha256={stored!r}.")
   if (num_workers is not None and cfg.kind == "lagg_a"
       and cfg.num_workers != num_workers):
-    raise ValueError(f"Weight file {path} holds LAgg-A weights for K={cfg.num_workers} "
+    raise UsageError(f"Weight file {path} holds LAgg-A weights for K={cfg.num_workers} "
                      f"workers, but you asked for K={num_workers}: LAgg-A reads each worker's "
                      f"delta, so its weights work only for the K they were trained with.")
   return MetaParams(

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from optax_localsgd import evaluation
-from optax_localsgd.plotting import pyplot
+from optax_localsgd.plotting import figure
 
 
 def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = False) -> str:
@@ -79,8 +79,8 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
 def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
                 path: pathlib.Path) -> None:
   """Mean training loss over seeds (line) and its min-max band, per method, log-scale."""
-  plt = pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = figure(figsize=(7, 4.5), layout="tight")
+  ax = fig.subplots()
   for m in cfg.methods:
     hists = runs[m]
     rounds = np.asarray(hists[0]["eval_rounds"])
@@ -98,6 +98,4 @@ def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
                f"{len(cfg.seeds)} seeds, band = min-max")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

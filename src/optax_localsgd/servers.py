@@ -15,6 +15,7 @@ import jax
 import optax
 
 from optax_localsgd import baselines
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
 from optax_localsgd.transforms import lagg_a, local_sgd, lopt_a, slowmo
 
@@ -81,7 +82,7 @@ def make_server(name: str, *, num_workers: int, local_learning_rate: float,
     seed: seed of those fresh weights.
   """
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown server {name!r}; available: {', '.join(available_servers())}.")
+    raise UsageError(f"Unknown server {name!r}; available: {', '.join(available_servers())}.")
   build, default_lr, default_momentum = _REGISTRY[name]
   lr = default_lr if server_learning_rate is None else server_learning_rate
   mom = default_momentum if momentum is None else momentum

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import data, engine, servers, tasks, trainer
+from optax_localsgd.errors import UsageError
 
 SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
@@ -54,7 +55,7 @@ SWEPT = ("local_sgd", "slowmo", "diloco", "sgd", "adam")
 def grid(method: str, which: str = "paper") -> list[dict[str, float]]:
   """Candidate hyperparameters (``local_lr`` / ``server_lr`` / ``momentum``) for ``method``."""
   if which not in ("paper", "reduced"):
-    raise ValueError(f"grid must be 'paper' or 'reduced', got {which!r}.")
+    raise UsageError(f"grid must be 'paper' or 'reduced', got {which!r}.")
   lrs = LR_GRID if which == "paper" else REDUCED["lr"]
   cs = LR_GRID if which == "paper" else REDUCED["c"]
   betas = BETA_GRID if which == "paper" else REDUCED["beta"]
@@ -68,7 +69,7 @@ def grid(method: str, which: str = "paper") -> list[dict[str, float]]:
   if method == "diloco":
     return [{"local_lr": g, "server_lr": a, "momentum": b}
             for g, a, b in itertools.product(GAMMA_GRID, DILOCO_LR_GRID, DILOCO_MOMENTUM_GRID)]
-  raise ValueError(f"No sweep grid for {method!r}; sweepable: {SWEPT}.")
+  raise UsageError(f"No sweep grid for {method!r}; sweepable: {SWEPT}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class SweepConfig:
   def rungs(self) -> list[int]:
     """Rounds of each halving rung, ending at ``rounds``."""
     if self.min_rounds < 1 or self.eta < 2 or self.rounds < self.min_rounds:
-      raise ValueError("Need 1 <= min_rounds <= rounds and eta >= 2.")
+      raise UsageError("Need 1 <= min_rounds <= rounds and eta >= 2.")
     r, out = self.min_rounds, []
     while r * self.eta <= self.rounds:
       out.append(r)
@@ -158,8 +159,12 @@ def sweep_method(cfg: SweepConfig, method: str, *,
 
 def update_file(path: pathlib.Path, cfg: SweepConfig, method: str, result: Mapping[str, Any],
                 command: str) -> None:
-  """Stores one method's sweep result under ``cfg.key()`` in the JSON file at ``path``."""
+  """Stores one method's sweep result under ``cfg.key()`` in the JSON file at ``path``.
+
+  Other entries of an existing file are kept; a missing file is created with its folders.
+  """
   data = json.loads(path.read_text()) if path.is_file() else {}
+  path.parent.mkdir(parents=True, exist_ok=True)
   entry = data.setdefault(cfg.key(), {})
   best = {k: v for k, v in result["best"].items() if k != "loss"}
   entry[method] = {"hparams": best, "train_loss": result["best"]["loss"],
@@ -178,9 +183,9 @@ def tuned_hparams(key: str, path: pathlib.Path | None = None) -> dict[str, dict[
   if path is None:
     path = pathlib.Path(__file__).with_name("tuned_hparams.json")
   if not path.is_file():
-    raise ValueError(f"No hyperparameter file at {path}; run `optax-localsgd sweep`.")
+    raise UsageError(f"No hyperparameter file at {path}; run `optax-localsgd sweep`.")
   data = json.loads(path.read_text())
   if key not in data:
-    raise ValueError(f"{path} has no tuned hyperparameters for {key}; it has "
+    raise UsageError(f"{path} has no tuned hyperparameters for {key}; it has "
                      f"{sorted(data) or 'none'}. Run `optax-localsgd sweep` for it.")
   return {m: e["hparams"] for m, e in data[key].items()}

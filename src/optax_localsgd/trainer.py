@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import baselines, data, engine, servers, tasks
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta_params import MetaParams
 from optax_localsgd.progress import Progress
 
@@ -77,7 +78,7 @@ def load_split(task: tasks.Task, split: str, data_dir: str | None) -> dict[str, 
         num_classes=task.num_classes)
   elif task.dataset == "text":
     if data_dir is None:
-      raise ValueError("The text task needs --data-dir: a UTF-8 text file or a directory "
+      raise UsageError("The text task needs --data-dir: a UTF-8 text file or a directory "
                        "of *.txt files.")
     return {"x": data.load_text_bytes(data_dir, "val" if split == "test" else split)}
   else:
@@ -159,7 +160,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   mesh = None
   if cfg.devices > 1:
     if cfg.devices > len(jax.devices()):
-      raise ValueError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
+      raise UsageError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
     mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
   round_fn = round_fn_for(task, server, cfg.workers, cfg.local_steps, cfg.batch_size,
                           cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh)

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd.pretrained import (METADATA_KEY, _arrays_sha256, _little_endian,
-                                       _open_npz, _read_member, _read_metadata,
-                                       _write_npz_atomic)
+from optax_localsgd._npz import (METADATA_KEY, _arrays_sha256, _little_endian, _open_npz,
+                                 _read_member, _read_metadata, _write_npz_atomic)
 
 FORMAT = "optax-localsgd-checkpoint"
 FORMAT_VERSION = 1

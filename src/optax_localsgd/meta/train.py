@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_localsgd import _version, data, engine, features, pretrained, tasks
+from optax_localsgd.errors import UsageError
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
@@ -78,37 +79,37 @@ class MetaTrainConfig:
 
   def __post_init__(self):
     if self.optimizer not in ("lopt_a", "lagg_a"):
-      raise ValueError(f"--optimizer must be lopt_a or lagg_a, got {self.optimizer!r}.")
+      raise UsageError(f"--optimizer must be lopt_a or lagg_a, got {self.optimizer!r}.")
     if not self.tasks:
-      raise ValueError(f"No task given; available: {', '.join(tasks.available_tasks())}.")
+      raise UsageError(f"No task given; available: {', '.join(tasks.available_tasks())}.")
     for spec in self.tasks:
       try:
         tasks.from_spec(spec)
       except ValueError as e:
-        raise ValueError(f"Unknown task or bad task spec {spec!r}: {e}") from e
+        raise UsageError(f"Unknown task or bad task spec {spec!r}: {e}") from e
     if self.tasks_per_estimate % len(self.tasks):
-      raise ValueError(f"--tasks-per-estimate {self.tasks_per_estimate} must be a multiple "
+      raise UsageError(f"--tasks-per-estimate {self.tasks_per_estimate} must be a multiple "
                        f"of the number of tasks ({len(self.tasks)}).")
     for name in ("workers", "local_steps", "batch_size", "tasks_per_estimate",
                  "checkpoint_every"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}.")
     features.check_feature_set(self.feature_set)
     if not (math.isfinite(self.output_init_scale) and self.output_init_scale >= 0):
-      raise ValueError(f"output_init_scale must be a finite number >= 0, got "
+      raise UsageError(f"output_init_scale must be a finite number >= 0, got "
                        f"{self.output_init_scale}.")
     if not (math.isfinite(self.local_lr) and self.local_lr > 0):
-      raise ValueError(f"local_lr must be a positive finite number, got {self.local_lr}.")
+      raise UsageError(f"local_lr must be a positive finite number, got {self.local_lr}.")
     p = self.pes
     if p.outer_steps < 1 or p.truncation < 1 or not 1 <= p.min_inner <= p.max_inner:
-      raise ValueError("need outer_steps >= 1, truncation >= 1, 1 <= min_inner <= max_inner.")
+      raise UsageError("need outer_steps >= 1, truncation >= 1, 1 <= min_inner <= max_inner.")
     if not p.sigma > 0:
-      raise ValueError(f"sigma must be > 0, got {p.sigma}.")
+      raise UsageError(f"sigma must be > 0, got {p.sigma}.")
     if p.loss_clip is not None and not (math.isfinite(p.loss_clip) and p.loss_clip > 1):
-      raise ValueError(f"loss_clip must be a finite number > 1 (a multiple of the loss at "
+      raise UsageError(f"loss_clip must be a finite number > 1 (a multiple of the loss at "
                        f"initialisation), got {p.loss_clip}.")
     if p.grad_clip is not None and not (math.isfinite(p.grad_clip) and p.grad_clip > 0):
-      raise ValueError(f"grad_clip must be a positive finite number, got {p.grad_clip}.")
+      raise UsageError(f"grad_clip must be a positive finite number, got {p.grad_clip}.")
 
   def identity(self) -> dict:
     """What a checkpoint must match to be resumed (everything that shapes the state)."""
@@ -139,7 +140,7 @@ def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
             else init_lagg_a(key, cfg.workers, **kw))
   theta = pretrained.load(cfg.init_from, num_workers=cfg.workers)
   if theta.config.kind != cfg.optimizer:
-    raise ValueError(f"--init-from {cfg.init_from} holds {theta.config.kind} weights, but "
+    raise UsageError(f"--init-from {cfg.init_from} holds {theta.config.kind} weights, but "
                      f"--optimizer is {cfg.optimizer}.")
   return jax.tree.map(jnp.asarray, theta)
 
@@ -203,11 +204,11 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
          "meta_loss": [], "lr": [], "grad_norm": [], "nonfinite_pairs": [], "wall_s": []}
   if resume:
     if not ck_path.exists():
-      raise ValueError(f"--resume: no checkpoint at {ck_path}.")
+      raise UsageError(f"--resume: no checkpoint at {ck_path}.")
     state, meta = ckpt.load_checkpoint(ck_path, state, {"config": cfg.identity()})
     log = meta["log"]
   elif ck_path.exists():
-    raise ValueError(f"{ck_path} exists: pass --resume to continue that run, or choose "
+    raise UsageError(f"{ck_path} exists: pass --resume to continue that run, or choose "
                      f"another --out.")
 
   outer_step = _jitted_outer_step(groups, cfg.pes)
@@ -281,12 +282,12 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
 
 
 def _plot(log: dict, path: pathlib.Path, cfg: MetaTrainConfig) -> None:
+  from optax_localsgd import plotting
   try:
-    from optax_localsgd.plotting import pyplot
-    plt = pyplot()
-  except ImportError:
+    fig = plotting.figure(figsize=(6, 4), layout="constrained")
+  except plotting.PlotsUnavailable:
     return  # the JSON log has the same numbers; plots need the 'plot' extra.
-  fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+  ax = fig.subplots()
   y = np.asarray(log["meta_loss"], float)
   ax.plot(log["step"], y, alpha=0.35, linewidth=0.8, label="per step")
   if len(y) >= 20:
@@ -297,4 +298,3 @@ def _plot(log: dict, path: pathlib.Path, cfg: MetaTrainConfig) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -13,7 +13,8 @@ Names are ``<dataset>_<architecture>``:
 Overrides replace a builder's keyword defaults, e.g. ``get_task("imagenet32_mlp",
 num_classes=200)``, ``get_task("text_lm", seq_len=64)``, ``get_task("fmnist_mlp",
 hidden=(32,))``, ``get_task("cifar10_cnn", standardize=False)`` (pixels / 255 only, as in
-learned_optimization). An override a task does not take raises ``ValueError``.
+learned_optimization). An override a task does not take raises ``UsageError`` (a
+``ValueError``).
 
 Where a task is named by a string (the CLI's ``--task``, ``MetaTrainConfig.tasks``), the same
 overrides can be written after a colon: ``fmnist_mlp:standardize=false`` or
@@ -25,6 +26,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from optax_localsgd.errors import UsageError
 from optax_localsgd.tasks.models import CNN, DATASETS, MLP, DatasetInfo, standardize
 from optax_localsgd.tasks.resnet import ResNet
 from optax_localsgd.tasks.task import Task, num_params
@@ -51,7 +53,7 @@ def _mlp(name: str, *, dataset: str, hidden: tuple[int, ...] = (128, 128),
          num_classes: int | None = None, standardize: bool = True,
          compute_dtype: str | None = None) -> Task:
   if compute_dtype not in (None, "float32", "bfloat16"):
-    raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
+    raise UsageError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
   return _image_task(name, dataset, num_classes, standardize, MLP, hidden=_tuple(hidden),
                      compute_dtype=None if compute_dtype == "float32" else compute_dtype)
 
@@ -133,7 +135,7 @@ def task_overrides(name: str) -> list[str]:
 
 def _lookup(name: str) -> tuple[Callable[..., Task], dict[str, Any]]:
   if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+    raise UsageError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
   return _REGISTRY[name]
 
 
@@ -147,7 +149,7 @@ def get_task(name: str, **overrides: Any) -> Task:
   allowed = task_overrides(name)
   bad = sorted(set(overrides) - set(allowed))
   if bad:
-    raise ValueError(f"task {name!r} does not take override(s) {bad}; accepted: {allowed}")
+    raise UsageError(f"task {name!r} does not take override(s) {bad}; accepted: {allowed}")
   return builder(name, **{**fixed, **overrides})
 
 
@@ -179,7 +181,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
   for item in filter(None, rest.split(",")):
     key, eq, value = item.partition("=")
     if not eq or not key:
-      raise ValueError(f"task spec {spec!r}: expected NAME:key=value,..., got {item!r}")
+      raise UsageError(f"task spec {spec!r}: expected NAME:key=value,..., got {item!r}")
     overrides[key.strip()] = _parse_value(value.strip())
   _lookup(name)  # unknown names fail here, listing the known ones
   return name, overrides

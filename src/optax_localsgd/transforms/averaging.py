@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_localsgd import _validation
+from optax_localsgd.errors import UsageError
 
 
 class LocalSGDState(NamedTuple):
@@ -127,7 +128,7 @@ def slowmo(slow_learning_rate: float, momentum: float,
   """
   # Checked only for Python numbers: sweeps pass traced values to vmap over candidates.
   if isinstance(local_learning_rate, (int, float)) and local_learning_rate <= 0:
-    raise ValueError(f"slowmo needs local_learning_rate > 0, got {local_learning_rate}.")
+    raise UsageError(f"slowmo needs local_learning_rate > 0, got {local_learning_rate}.")
 
   def init_fn(params):
     return SlowMoState(count=jnp.zeros([], jnp.int32),
