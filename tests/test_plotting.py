@@ -21,7 +21,7 @@ def test_plots_keep_the_users_backend_and_pyplot_state(tmp_path):
       cfg = evaluation.EvalConfig(methods=("local_sgd",), seeds=(1,), rounds=2)
       report.plot_curves(cfg, {{"local_sgd": [h]}}, out / "c.png")
       from optax_localsgd.meta import train
-      log = {"step": list(range(1, 31)), "meta_loss": [1.0 / s for s in range(1, 31)]}
+      log = {{"step": list(range(1, 31)), "meta_loss": [1.0 / s for s in range(1, 31)]}}
       train._plot(log, out / "s.png", train.MetaTrainConfig())
       assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
       assert "matplotlib.pyplot" not in sys.modules
