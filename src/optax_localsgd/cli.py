@@ -136,7 +136,7 @@ def cmd_meta_train(args) -> int:
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial,
-                   time_budget_s=args.time_budget)
+                   time_budget_s=args.time_budget, snapshot_every=args.snapshot_every)
   summary = {"step": res["step"], "interrupted": res["interrupted"],
              "weights": str(res["weights"]) if res["weights"] else None,
              "last_meta_loss": res["log"]["meta_loss"][-1] if res["log"]["meta_loss"] else None}
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
   m.add_argument("--stop-after", type=int, default=None,
                  help="stop (with a checkpoint) after this many outer steps of this call")
+  m.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                 help="also keep the weights every N outer steps in OUT/snapshots/")
   m.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                  help="stop with a checkpoint after the first outer step that ends this many "
                  "seconds after the start (compilation included); with --export-partial the "

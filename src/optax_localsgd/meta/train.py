@@ -173,7 +173,8 @@ def _jitted_outer_step(groups: tuple[TaskGroup, ...], pes: PESConfig):
 def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: bool = False,
                progress: bool = True, command: str | None = None,
                stop_after: int | None = None, export_partial: bool = False,
-               time_budget_s: float | None = None) -> dict[str, Any]:
+               time_budget_s: float | None = None,
+               snapshot_every: int | None = None) -> dict[str, Any]:
   """Meta-train (or resume) and write the outputs described in the module docstring.
 
   Args:
@@ -191,6 +192,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
     time_budget_s: stop (with a checkpoint) after the first outer step that ends this many
       seconds after the call started (compilation included), e.g. to fit a device call of
       fixed length; ``None``: no limit.
+    snapshot_every: also keep the weights every this many outer steps, as
+      ``out_dir/snapshots/weights_step{N:06d}.npz``, so that a long run's history can be
+      evaluated afterwards (PES runs can get worse as well as better); ``None``: none.
 
   Returns:
     ``{"log": ..., "weights": path or None, "step": int, "interrupted": bool}``.
@@ -245,6 +249,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
       bar.update(1, meta_loss=float(m["meta_loss"]))
       reached_stop = ((stop_after is not None and step - start >= stop_after) or
                       (time_budget_s is not None and now - t_start >= time_budget_s))
+      if snapshot_every and step % snapshot_every == 0:
+        (out / "snapshots").mkdir(exist_ok=True)
+        _export(out / "snapshots" / f"weights_step{step:06d}.npz", state, cfg, log, command)
       if step % cfg.checkpoint_every == 0 or stop.signum is not None or reached_stop:
         save()
       if stop.signum is not None or reached_stop:
@@ -259,26 +266,32 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   _plot(log, out / "meta_loss.png", cfg)
   weights = None
   if int(state.step) >= total or export_partial:
-    weights = out / "weights.npz"
-    final = [x for x in log["meta_loss"][-50:] if math.isfinite(x)]
-    pretrained.save(weights, jax.device_get(state.theta), {
-        "optimizer": cfg.optimizer, "K": cfg.workers, "H": cfg.local_steps,
-        "batch_size": cfg.batch_size, "local_lr": cfg.local_lr, "tasks": list(cfg.tasks),
-        "outer_steps": int(state.step), "outer_steps_planned": total,
-        "pes": dataclasses.asdict(cfg.pes),
-        "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
-        "output_init_scale": cfg.output_init_scale,
-        "init_from": cfg.init_from,
-        "init_from_sha256": (pretrained.file_sha256(pretrained.resolve(cfg.init_from))
-                             if cfg.init_from else None),
-        "final_meta_loss_mean_last_50": float(np.mean(final)) if final else None,
-        "nonfinite_pairs": int(state.nonfinite_pairs),
-        "capped_pairs": sum(log.get("capped_pairs", [])),
-        "nonfinite_grads": int(state.nonfinite_grads),
-        "package_version": _version.__version__,
-        # The command that started the run (a resumed or exported run keeps it).
-        "command": log.get("command") or command or " ".join(sys.argv)})
+    weights = _export(out / "weights.npz", state, cfg, log, command)
   return {"log": log, "weights": weights, "step": int(state.step), "interrupted": interrupted}
+
+
+def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
+            command: str | None) -> pathlib.Path:
+  """Write θ as a weight file with the run's metadata (``pretrained.load`` reads it)."""
+  final = [x for x in log["meta_loss"][-50:] if math.isfinite(x)]
+  pretrained.save(path, jax.device_get(state.theta), {
+      "optimizer": cfg.optimizer, "K": cfg.workers, "H": cfg.local_steps,
+      "batch_size": cfg.batch_size, "local_lr": cfg.local_lr, "tasks": list(cfg.tasks),
+      "outer_steps": int(state.step), "outer_steps_planned": cfg.pes.outer_steps,
+      "pes": dataclasses.asdict(cfg.pes),
+      "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
+      "output_init_scale": cfg.output_init_scale,
+      "init_from": cfg.init_from,
+      "init_from_sha256": (pretrained.file_sha256(pretrained.resolve(cfg.init_from))
+                           if cfg.init_from else None),
+      "final_meta_loss_mean_last_50": float(np.mean(final)) if final else None,
+      "nonfinite_pairs": int(state.nonfinite_pairs),
+      "capped_pairs": sum(log.get("capped_pairs", [])),
+      "nonfinite_grads": int(state.nonfinite_grads),
+      "package_version": _version.__version__,
+      # The command that started the run (a resumed or exported run keeps it).
+      "command": log.get("command") or command or " ".join(sys.argv)})
+  return path
 
 
 def _plot(log: dict, path: pathlib.Path, cfg: MetaTrainConfig) -> None:
