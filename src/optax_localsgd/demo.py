@@ -9,7 +9,7 @@ optimizer for it.
 from __future__ import annotations
 
 from optax_localsgd import pretrained
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 
 SETTING = dict(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128)
 # Paper Table 5: tuned local learning rates and SlowMo's (gamma, alpha, beta).

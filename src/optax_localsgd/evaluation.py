@@ -30,7 +30,7 @@ import numpy as np
 
 from optax_localsgd import pretrained, trainer
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 
 # Seeds of the evaluation. Meta-training uses its own seed stream (``MetaTrainConfig.seed``,
 # 0 for the bundled weights) and the sweeps use SWEEP_SEED, so none of these was seen before.

@@ -38,13 +38,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import features
+from optax_localsgd.transforms.learned import features
 # The npz file layer (shared with meta.checkpoint).
 from optax_localsgd._npz import (METADATA_KEY, PathLike, _arrays_sha256, _little_endian,
                                  _metadata_array, _open_npz, _read_member, _read_metadata,
                                  _sha256_of_stream, _write_npz_atomic)
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import (SIGN_CONVENTION,
+from optax_localsgd.transforms.learned.params import (SIGN_CONVENTION,
                                         LearnedOptimizerConfig, MetaParams, mlp_shapes)
 
 FORMAT = "optax-localsgd-weights"

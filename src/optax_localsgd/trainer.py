@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import baselines, data, engine, servers, tasks
+from optax_localsgd import data, engine, servers, tasks
+from optax_localsgd.transforms import baselines
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.progress import Progress
 
 # The global model's training loss is measured on this many training examples, the same

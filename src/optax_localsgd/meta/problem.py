@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_localsgd import baselines, engine, tasks
+from optax_localsgd import engine, tasks
+from optax_localsgd.transforms import baselines
 from optax_localsgd.meta import pes
 from optax_localsgd.trainer import batch_fn_for
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.transforms import lagg_a, lopt_a
 
 

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import _version, data, engine, features, pretrained, tasks
+from optax_localsgd import _version, data, engine, pretrained, tasks
+from optax_localsgd.transforms.learned import features
 from optax_localsgd.errors import UsageError
 from optax_localsgd.meta import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
-from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
+from optax_localsgd.transforms.learned.params import MetaParams, init_lagg_a, init_lopt_a
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
 from optax_localsgd.trainer import eval_batches, load_split, num_items

@@ -32,7 +32,7 @@ def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientT
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_localsgd import baselines
+    >>> from optax_localsgd.transforms import baselines
     >>> server = baselines.diloco()  # optax.sgd(0.7, momentum=0.9, nesterov=True)
     >>> params = {"w": jnp.zeros(2)}
     >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new
@@ -49,7 +49,7 @@ def fedadam(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_localsgd import baselines
+    >>> from optax_localsgd.transforms import baselines
     >>> server = baselines.fedadam(learning_rate=0.1)
     >>> params = {"w": jnp.zeros(2)}
     >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new, like a gradient
