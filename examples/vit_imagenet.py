@@ -327,7 +327,7 @@ def train(args: argparse.Namespace) -> int:
   state = (run["params"], run["server_state"])
   dev_data, state = (engine.replicate((dev_data, state), mesh) if mesh is not None
                      else jax.device_put((dev_data, state)))
-  evaluate = trainer.make_evaluator(task, trainer.eval_batches(task, val_arrays,
+  evaluate = trainer.make_evaluator(task, engine.eval_batches(task, val_arrays,
                                                                args.eval_examples))
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)
 

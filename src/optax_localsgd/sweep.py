@@ -106,10 +106,10 @@ def _sweep_data(task_name: str, data_dir: str | None, workers: int, eval_example
   """(task, data on the device, eval batches, their sizes): loaded once per setting, not once
   per rung and method."""
   task = tasks.from_spec(task_name)
-  arrays = trainer.load_split(task, "train", data_dir)
+  arrays = tasks.load_split(task, "train", data_dir)
   dev_data = jax.device_put(engine.DeviceData(
-      arrays, data.split_homogeneous(trainer.num_items(task, arrays), workers, SWEEP_SEED)))
-  batches = trainer.eval_batches(task, arrays, eval_examples)
+      arrays, data.split_homogeneous(tasks.num_items(task, arrays), workers, SWEEP_SEED)))
+  batches = engine.eval_batches(task, arrays, eval_examples)
   sizes = jnp.asarray([len(b["x"]) for b in batches], jnp.float32)
   return task, dev_data, batches, sizes
 
