@@ -34,7 +34,7 @@ import numpy as np
 
 from optax_localsgd import data, engine, pretrained, servers, tasks, trainer
 from optax_localsgd.errors import UsageError  # flags, data or files: one line, no traceback
-from optax_localsgd.meta import checkpoint as ckpt
+from optax_localsgd.io import checkpoint as ckpt
 from optax_localsgd.progress import Progress
 from optax_localsgd.signals import StopFlag
 

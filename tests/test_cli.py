@@ -62,13 +62,14 @@ def test_demo_without_matplotlib_says_how_to_get_the_plot(tmp_path, monkeypatch,
 def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   import jax
   from optax_localsgd import init_lagg_a, pretrained
+  from optax_localsgd.io import locate
   from optax_localsgd.model_card import publish
   run = tmp_path / "run"
   run.mkdir()
   pretrained.save(run / "weights.npz", init_lagg_a(jax.random.PRNGKey(0), 8),
                   {"local_lr": 0.25, "command": "optax-localsgd meta-train ..."})
   publish(run / "weights.npz", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path / "bundle"])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [tmp_path / "bundle"])
   label, kw, meta = [r for r in demo.runs() if r[1]["server"] == "lagg_a"][0]
   assert label == "LAgg-A (lagg_a/fmnist_mlp_k8_h4)" and kw["local_lr"] == 0.25
   assert meta.config.num_workers == 8

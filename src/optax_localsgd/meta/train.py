@@ -28,7 +28,7 @@ import numpy as np
 from optax_localsgd import _version, data, engine, pretrained, tasks
 from optax_localsgd.transforms.learned import features
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta import checkpoint as ckpt
+from optax_localsgd.io import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
 from optax_localsgd.transforms.learned.params import MetaParams, init_lagg_a, init_lopt_a
