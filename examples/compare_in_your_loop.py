@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax_localsgd as ol
-from optax_localsgd import data, sweep
+from optax_localsgd import data
+from optax_localsgd.harness import sweep
 from optax_localsgd.transforms import baselines
 
 from custom_loop import make_round, sample_round

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from optax_localsgd import cli, demo
+from optax_localsgd import cli
+from optax_localsgd.harness import demo
 
 
 def _cli(*args, cwd=None):
@@ -26,7 +27,8 @@ def test_train_writes_json_log_and_png(tmp_path):
 
 
 def test_demo_prints_a_comparison_table(tmp_path):
-  from optax_localsgd import pretrained, sweep
+  from optax_localsgd import pretrained
+  from optax_localsgd.harness import sweep
   r = _cli("demo", "--rounds", "4", "--eval-every", "2", "--out", str(tmp_path), "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout and "| DiLoCo |" in r.stdout

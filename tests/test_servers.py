@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_localsgd import servers
+from optax_localsgd.harness import servers
 from optax_localsgd.transforms import baselines
 
 

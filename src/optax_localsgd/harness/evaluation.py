@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from optax_localsgd import pretrained, trainer
+from optax_localsgd import pretrained
 from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import trainer
 from optax_localsgd.transforms.learned.params import MetaParams
 
 # Seeds of the evaluation. Meta-training uses its own seed stream (``MetaTrainConfig.seed``,

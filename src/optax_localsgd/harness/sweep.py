@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import data, engine, servers, tasks, trainer
+from optax_localsgd import data, engine, tasks
 from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import servers, trainer
 
 SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import data, engine, servers, tasks
-from optax_localsgd.transforms import baselines
+from optax_localsgd import data, engine, tasks
 from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import servers
+from optax_localsgd.transforms import baselines
 from optax_localsgd.transforms.learned.params import MetaParams
-from optax_localsgd.progress import Progress
+from optax_localsgd.util.progress import Progress
 
 
 
@@ -31,7 +32,7 @@ class TrainConfig:
   Attributes:
     task: task spec: a name (``optax_localsgd.tasks.available_tasks()``), optionally with
       overrides (``"fmnist_mlp:standardize=false"``, see :func:`optax_localsgd.tasks.from_spec`).
-    server: server optimizer name (``optax_localsgd.servers.available_servers()``).
+    server: server optimizer name (``optax_localsgd.harness.servers.available_servers()``).
     workers: K. local_steps: H. batch_size: B per worker per local step.
     rounds: communication rounds.
     seed: seed of the model init, the worker split and the minibatches.
