@@ -1,6 +1,7 @@
 """The optax-localsgd command as a user runs it."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -65,7 +66,8 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   import jax
   from optax_localsgd import init_lagg_a, pretrained
   from optax_localsgd.io import locate
-  from optax_localsgd.model_card import publish
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # publish: maintainer tooling
+  publish = cli.maintainer_tool("model_card").publish
   run = tmp_path / "run"
   run.mkdir()
   pretrained.save(run / "weights.npz", init_lagg_a(jax.random.PRNGKey(0), 8),

@@ -294,7 +294,7 @@ def test_pickled_content_is_refused_without_running_it(saved, tmp_path):
 def test_unknown_and_unsafe_names(monkeypatch, tmp_path, lopt_meta):
   bundle = tmp_path / "bundle"
   bundle.mkdir()
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [bundle])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [bundle])
   pretrained.save(tmp_path / "w.npz", lopt_meta, INFO)  # just outside the bundled folder
   for name in ("lopt_a/nope", "../w", str(tmp_path / "w"), "lopt_a//x", "", "w.npy"):
     with pytest.raises(ValueError, match="Unknown pretrained weights.*Bundled: none"):

@@ -214,8 +214,25 @@ def cmd_sweep(args) -> int:
   return 0
 
 
+def maintainer_tool(name: str):
+  """The module ``tools/NAME.py`` of the source checkout in the current folder.
+
+  Maintainer tooling (publishing weights into ``pretrained/``) is not part of the wheel; like
+  ``publish --root pretrained`` it works from the top of a checkout.
+  """
+  import importlib.util
+  path = pathlib.Path("tools") / f"{name}.py"
+  if not path.is_file():
+    raise UsageError(f"This command is maintainer tooling: run it from the top of a source "
+                     f"checkout of optax-localsgd (it needs {path}, which is not installed).")
+  spec = importlib.util.spec_from_file_location(f"optax_localsgd_tools.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def cmd_publish(args) -> int:
-  from optax_localsgd import model_card
+  model_card = maintainer_tool("model_card")
   run = pathlib.Path(args.run)
   card = model_card.publish(
       run / "weights.npz", args.name, pathlib.Path(args.root), curve=run / "meta_loss.png",
@@ -353,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--hparams)")
   s.set_defaults(fn=cmd_sweep)
   pub = sub.add_parser(
-      "publish", help="ship a meta-training run's weights under pretrained/ with a model card",
+      "publish", help="ship a meta-training run's weights under pretrained/ with a model card "
+      "(maintainer tooling: from the top of a source checkout)",
       description="Copies RUN/weights.npz to ROOT/NAME.npz, records its sha256 in "
       "ROOT/MANIFEST.json and writes the model card ROOT/NAME.md with RUN/meta_loss.png.")
   pub.add_argument("run", help="meta-training output directory")
