@@ -65,6 +65,12 @@ def test_every_subpackage_is_in_the_wheel():
   assert on_disk | {"optax_localsgd._pretrained"} == listed
 
 
+def test_the_old_baselines_path_is_the_same_module_contents():
+  from optax_localsgd import baselines
+  from optax_localsgd.transforms import baselines as moved
+  assert all(getattr(baselines, n) is getattr(moved, n) for n in baselines.__all__)
+
+
 def test_the_bundled_weights_are_package_data():
   import optax_localsgd._pretrained as bundled
   from optax_localsgd.io import locate
