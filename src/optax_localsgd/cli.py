@@ -215,11 +215,7 @@ def cmd_sweep(args) -> int:
 
 
 def maintainer_tool(name: str):
-  """The module ``tools/NAME.py`` of the source checkout in the current folder.
-
-  Maintainer tooling (publishing weights into ``pretrained/``) is not part of the wheel; like
-  ``publish --root pretrained`` it works from the top of a checkout.
-  """
+  """``tools/NAME.py`` of the checkout in the current folder (maintainer tooling, no wheel)."""
   import importlib.util
   path = pathlib.Path("tools") / f"{name}.py"
   if not path.is_file():
