@@ -224,8 +224,9 @@ def second_moment_normalize(x: jax.Array, axes: tuple[int, ...],
   Examples:
     >>> import jax.numpy as jnp
     >>> from optax_localsgd.transforms.learned.features import second_moment_normalize
-    >>> second_moment_normalize(jnp.asarray([3.0, 4.0]), axes=(0,)).round(4)  # mean x^2 = 12.5
-    Array([0.8485, 1.1314], dtype=float32)
+    >>> y = second_moment_normalize(jnp.asarray([3.0, 4.0]), axes=(0,))  # mean x^2 = 12.5
+    >>> [round(float(v), 4) for v in y]
+    [0.8485, 1.1314]
   """
   return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
 
