@@ -34,7 +34,8 @@ def main(argv=None) -> dict:
 
   import jax
   import jax.numpy as jnp
-  from optax_localsgd import baselines, data, engine, servers, tasks
+  from optax_localsgd import baselines, data, engine, tasks
+  from optax_localsgd.harness import servers
 
   if len(jax.devices()) < args.devices:
     raise SystemExit(f"need {args.devices} devices, JAX sees {len(jax.devices())}")

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax_localsgd as ol
-from optax_localsgd import data, sweep
+from optax_localsgd import data
+from optax_localsgd.harness import sweep
+from optax_localsgd.transforms import baselines
 
 from custom_loop import make_round, sample_round
 
@@ -67,7 +69,7 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[optax.GradientTransform
     elif m == "slowmo":
       out[m] = (ol.slowmo(hp["server_lr"], hp["momentum"], gamma), False, gamma)
     elif m == "diloco":
-      out[m] = (ol.baselines.diloco(hp["server_lr"], hp["momentum"]), False, gamma)
+      out[m] = (baselines.diloco(hp["server_lr"], hp["momentum"]), False, gamma)
     elif m in LEARNED:
       name = weights.get(m, f"{m}/fmnist_mlp_k{args.workers}_h{args.local_steps}")
       meta = ol.pretrained.load(name, num_workers=args.workers)

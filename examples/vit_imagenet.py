@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import data, engine, pretrained, servers, tasks, trainer
+from optax_localsgd import data, engine, pretrained, tasks
+from optax_localsgd.harness import servers, trainer
 from optax_localsgd.errors import UsageError  # flags, data or files: one line, no traceback
-from optax_localsgd.meta import checkpoint as ckpt
-from optax_localsgd.progress import Progress
-from optax_localsgd.signals import StopFlag
+from optax_localsgd.io import checkpoint as ckpt
+from optax_localsgd.util.progress import Progress
+from optax_localsgd.util.signals import StopFlag
 
 PROG = "vit_imagenet.py"
 SERVERS = ("lopt_a", "lagg_a", "slowmo", "local_sgd", "diloco")
@@ -246,7 +247,7 @@ def write_log(log: dict, out: pathlib.Path) -> None:
 def plot_curve(log: dict, path: pathlib.Path) -> bool:
   """Mean local training loss and val accuracy (%) against rounds; False without matplotlib."""
   try:
-    from optax_localsgd.plotting import PlotsUnavailable, figure
+    from optax_localsgd.util.plotting import PlotsUnavailable, figure
     fig = figure(figsize=(11, 4), layout="constrained")
   except PlotsUnavailable:
     return False
@@ -327,7 +328,7 @@ def train(args: argparse.Namespace) -> int:
   state = (run["params"], run["server_state"])
   dev_data, state = (engine.replicate((dev_data, state), mesh) if mesh is not None
                      else jax.device_put((dev_data, state)))
-  evaluate = trainer.make_evaluator(task, trainer.eval_batches(task, val_arrays,
+  evaluate = trainer.make_evaluator(task, engine.eval_batches(task, val_arrays,
                                                                args.eval_examples))
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)
 

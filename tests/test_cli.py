@@ -1,12 +1,14 @@
 """The optax-localsgd command as a user runs it."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from optax_localsgd import cli, demo
+from optax_localsgd import cli
+from optax_localsgd.harness import demo
 
 
 def _cli(*args, cwd=None):
@@ -26,7 +28,8 @@ def test_train_writes_json_log_and_png(tmp_path):
 
 
 def test_demo_prints_a_comparison_table(tmp_path):
-  from optax_localsgd import pretrained, sweep
+  from optax_localsgd import pretrained
+  from optax_localsgd.harness import sweep
   r = _cli("demo", "--rounds", "4", "--eval-every", "2", "--out", str(tmp_path), "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "| local SGD |" in r.stdout and "| SlowMo |" in r.stdout and "| DiLoCo |" in r.stdout
@@ -62,13 +65,15 @@ def test_demo_without_matplotlib_says_how_to_get_the_plot(tmp_path, monkeypatch,
 def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   import jax
   from optax_localsgd import init_lagg_a, pretrained
-  from optax_localsgd.model_card import publish
+  from optax_localsgd.io import locate
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # publish: maintainer tooling
+  publish = cli.maintainer_tool("model_card").publish
   run = tmp_path / "run"
   run.mkdir()
   pretrained.save(run / "weights.npz", init_lagg_a(jax.random.PRNGKey(0), 8),
                   {"local_lr": 0.25, "command": "optax-localsgd meta-train ..."})
   publish(run / "weights.npz", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path / "bundle"])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [tmp_path / "bundle"])
   label, kw, meta = [r for r in demo.runs() if r[1]["server"] == "lagg_a"][0]
   assert label == "LAgg-A (lagg_a/fmnist_mlp_k8_h4)" and kw["local_lr"] == 0.25
   assert meta.config.num_workers == 8

@@ -21,11 +21,11 @@ DOCS = ROOT / "docs"
 # Modules whose public docstrings carry ``Examples:``, and the objects that must keep them.
 EXAMPLES = {
     "optax_localsgd.transforms.averaging": ("local_sgd", "slowmo"),
-    "optax_localsgd.transforms.learned": ("lopt_a", "lagg_a"),
-    "optax_localsgd.meta_params": ("init_lopt_a", "init_lagg_a"),
-    "optax_localsgd.features": ("num_features", "factor_spec"),
-    "optax_localsgd.baselines": ("diloco", "fedadam"),
-    "optax_localsgd.engine": ("make_round_fn",),
+    "optax_localsgd.transforms.learned.transform": ("lopt_a", "lagg_a"),
+    "optax_localsgd.transforms.learned.params": ("init_lopt_a", "init_lagg_a"),
+    "optax_localsgd.transforms.learned.features": ("num_features", "factor_spec"),
+    "optax_localsgd.transforms.baselines": ("diloco", "fedadam"),
+    "optax_localsgd.engine.round": ("make_round_fn",),
     "optax_localsgd.pretrained": ("save",),
 }
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import optax_localsgd as ol
-from optax_localsgd import cli, evaluation, report, sweep
+from optax_localsgd import cli
+from optax_localsgd.harness import evaluation, report, sweep
 
 
 def _hist(seed, rounds, losses, acc=0.5):
@@ -144,7 +145,7 @@ def test_evaluate_without_tuned_hparams_is_a_clear_error(tmp_path, capsys):
 
 def test_vmapped_sweep_matches_the_trainer():
   """A sweep candidate's loss is the trainer's global training loss for the same run."""
-  from optax_localsgd import trainer
+  from optax_localsgd.harness import trainer
   cfg = sweep.SweepConfig(workers=2, local_steps=2, batch_size=16, eval_examples=2000)
   cands = [{"local_lr": 0.3, "server_lr": 1.0, "momentum": 0.9},
            {"local_lr": 0.1, "server_lr": 2.0, "momentum": 0.5}]

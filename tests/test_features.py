@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_localsgd as ol
-from optax_localsgd import features
+from optax_localsgd.transforms.learned import features
 import reference as ref
 from conftest import SHAPES, make_params, random_meta
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import optax_localsgd as ol
-from optax_localsgd import features
+from optax_localsgd.transforms.learned import features
 
 V2 = "ada-v2"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from optax_localsgd import trainer
+from optax_localsgd.harness import trainer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ def test_plots_keep_the_users_backend_and_pyplot_state(tmp_path):
       import pathlib, sys
       import matplotlib
       matplotlib.use("svg")  # the user's choice, e.g. a notebook's inline backend
-      from optax_localsgd import evaluation, plotting, report
+      from optax_localsgd.harness import evaluation, report
+      from optax_localsgd.util import plotting
       out = pathlib.Path({str(tmp_path)!r})
       h = {{"label": "a", "eval_rounds": [0, 2], "global_train_loss": [1.0, 0.5],
             "rounds": [1, 2], "train_loss": [0.9, 0.6]}}

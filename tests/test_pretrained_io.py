@@ -1,4 +1,4 @@
-"""Weight files (optax_localsgd.pretrained) and meta-training checkpoints (meta.checkpoint)."""
+"""Weight files (optax_localsgd.pretrained) and meta-training checkpoints (io.checkpoint)."""
 
 import json
 import os
@@ -18,7 +18,8 @@ import pytest
 from conftest import random_meta
 
 from optax_localsgd import init_lagg_a, init_lopt_a, lopt_a, pretrained
-from optax_localsgd.meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from optax_localsgd.io import locate
+from optax_localsgd.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 INFO = {"optimizer": "lopt_a", "K": 8, "H": 4, "tasks": ["fmnist_mlp"], "outer_steps": 3,
         "final_meta_loss": 0.25, "command": "optax-localsgd meta-train --k 8"}
@@ -293,7 +294,7 @@ def test_pickled_content_is_refused_without_running_it(saved, tmp_path):
 def test_unknown_and_unsafe_names(monkeypatch, tmp_path, lopt_meta):
   bundle = tmp_path / "bundle"
   bundle.mkdir()
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [bundle])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [bundle])
   pretrained.save(tmp_path / "w.npz", lopt_meta, INFO)  # just outside the bundled folder
   for name in ("lopt_a/nope", "../w", str(tmp_path / "w"), "lopt_a//x", "", "w.npy"):
     with pytest.raises(ValueError, match="Unknown pretrained weights.*Bundled: none"):
@@ -306,7 +307,7 @@ def test_available_and_bundled_names(monkeypatch, tmp_path, lopt_meta):
   for name in names:  # whatever ships must be loadable by name
     assert not name.endswith(".npz") and pretrained.metadata(name)["format_version"] == 1
 
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [tmp_path])
   assert pretrained.available() == []
   (tmp_path / "lopt_a").mkdir()
   digest = pretrained.save(tmp_path / "lopt_a" / "tiny_k8.npz", lopt_meta, INFO)
@@ -319,15 +320,17 @@ def test_available_and_bundled_names(monkeypatch, tmp_path, lopt_meta):
 
 
 def test_an_installed_wheel_finds_the_weights_inside_the_package(tmp_path, lopt_meta):
-  # A wheel installs the package folder with the weights in optax_localsgd/_pretrained
-  # (setup.py copies them there) and no pretrained/ beside it. Lay that out by hand, with
-  # weights of our own (not the installed package's, when it is a wheel itself), and import
-  # it in a fresh interpreter, away from this checkout's pretrained/.
+  # A wheel installs the weights as the subpackage optax_localsgd._pretrained (pyproject.toml
+  # maps the top-level pretrained/ onto it), with no pretrained/ beside the package. Lay that
+  # out by hand, with weights of our own (not the installed package's, when it is a wheel
+  # itself), and import it in a fresh interpreter, away from this checkout's pretrained/.
+  import optax_localsgd._pretrained as bundled
   site = tmp_path / "site-packages"
   shutil.copytree(pathlib.Path(pretrained.__file__).parent, site / "optax_localsgd",
                   ignore=shutil.ignore_patterns("__pycache__", "_pretrained"))
   bundle = site / "optax_localsgd" / "_pretrained"
   (bundle / "lopt_a").mkdir(parents=True)
+  shutil.copyfile(bundled.__file__, bundle / "__init__.py")
   digest = pretrained.save(bundle / "lopt_a" / "wheel_k8_h4.npz", lopt_meta, INFO)
   (bundle / "MANIFEST.json").write_text(json.dumps({"lopt_a/wheel_k8_h4": {"sha256": digest}}))
   script = ("import optax_localsgd as ol; print(ol.__file__); "
@@ -510,7 +513,7 @@ def test_checkpoint_overwrite_is_atomic(tmp_path, monkeypatch):
 
 
 def _bundle(monkeypatch, tmp_path, meta, name="lopt_a/tiny_k8"):
-  monkeypatch.setattr(pretrained, "_bundled_dirs", lambda: [tmp_path])
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [tmp_path])
   path = tmp_path / f"{name}.npz"
   path.parent.mkdir(parents=True, exist_ok=True)
   digest = pretrained.save(path, meta, INFO)

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from optax_localsgd import baselines, servers
+from optax_localsgd.harness import servers
+from optax_localsgd.transforms import baselines
 
 
 def test_registry_builds_every_server():

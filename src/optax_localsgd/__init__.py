@@ -7,9 +7,9 @@ stacked over workers on a new leading axis. The output is added with ``optax.app
 
 from optax_localsgd._version import __version__
 from optax_localsgd.errors import UsageError
-from optax_localsgd.features import AdaAccumulators
-from optax_localsgd.meta_params import (LearnedOptimizerConfig, MetaParams, init_lagg_a,
-                                        init_lopt_a)
+from optax_localsgd.transforms.learned.features import AdaAccumulators
+from optax_localsgd.transforms.learned.params import (LearnedOptimizerConfig, MetaParams,
+                                                      init_lagg_a, init_lopt_a)
 from optax_localsgd import pretrained
 from optax_localsgd.transforms import (LearnedOptState, LocalSGDState, SlowMoState, lagg_a,
                                        local_sgd, lopt_a, slowmo)

@@ -1,71 +1,7 @@
-"""Baselines expressed as Optax compositions, not rewrites.
+"""``from optax_localsgd import baselines`` as documented before the package had rooms: a thin
+re-export of :mod:`optax_localsgd.transforms.baselines`, where the code lives."""
 
-* Worker side: SGD with optional gradient clipping and weight decay (paper section 5.5.6 uses
-  clip 5 and weight decay 1e-4 for the local steps).
-* Server side, applied to the mean delta (which has the sign of a gradient):
-  DiLoCo's outer Nesterov SGD (Douillard et al., 2023) and the adaptive federated optimizers
-  FedAdam / FedYogi / FedAdagrad (Reddi et al., 2020, "Adaptive Federated Optimization").
-* The non-local data-parallel SGD and Adam baselines (paper 5.1.4) are plain ``optax.sgd`` /
-  ``optax.adam`` run by :func:`optax_localsgd.engine.make_data_parallel_round_fn`.
-"""
+from optax_localsgd.transforms.baselines import (diloco, fedadagrad, fedadam, fedyogi,
+                                                 worker_sgd)
 
-from __future__ import annotations
-
-import optax
-
-
-def worker_sgd(learning_rate: float, clip_norm: float | None = None,
-               weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """The workers' optimizer: ``sgd(lr)``, optionally after global-norm clipping and with
-  (coupled) weight decay added to the gradient."""
-  parts = []
-  if clip_norm is not None:
-    parts.append(optax.clip_by_global_norm(clip_norm))
-  if weight_decay:
-    parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.sgd(learning_rate))
-  return optax.chain(*parts)
-
-
-def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientTransformation:
-  """DiLoCo's outer optimizer: Nesterov SGD on the mean delta (defaults from the DiLoCo paper).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from optax_localsgd import baselines
-    >>> server = baselines.diloco()  # optax.sgd(0.7, momentum=0.9, nesterov=True)
-    >>> params = {"w": jnp.zeros(2)}
-    >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new
-    >>> updates, state = server.update(mean_delta, server.init(params), params)
-    >>> [round(float(u), 3) for u in updates["w"]]  # first Nesterov step: -0.7 * 1.9 * delta
-    [-1.33, 2.66]
-  """
-  return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
-
-
-def fedadam(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
-            eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedAdam server optimizer: ``optax.adam`` on the mean delta (Reddi et al., 2020).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from optax_localsgd import baselines
-    >>> server = baselines.fedadam(learning_rate=0.1)
-    >>> params = {"w": jnp.zeros(2)}
-    >>> mean_delta = {"w": jnp.array([1.0, -2.0])}  # W_old - W_new, like a gradient
-    >>> updates, state = server.update(mean_delta, server.init(params), params)
-    >>> [round(float(u), 3) for u in updates["w"]]  # Adam's first step: about -lr * sign
-    [-0.1, 0.1]
-  """
-  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-
-
-def fedyogi(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
-            eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedYogi server optimizer: ``optax.yogi`` on the mean delta (Reddi et al., 2020)."""
-  return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
-
-
-def fedadagrad(learning_rate: float = 1e-1, eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedAdagrad server optimizer: ``optax.adagrad`` on the mean delta (Reddi et al., 2020)."""
-  return optax.adagrad(learning_rate, eps=eps)
+__all__ = ["diloco", "fedadagrad", "fedadam", "fedyogi", "worker_sgd"]

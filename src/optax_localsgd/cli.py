@@ -9,9 +9,10 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from optax_localsgd import servers, tasks
+from optax_localsgd import tasks
 from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
 from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import servers
 
 # Relative to the current folder, not the source tree: it must work from an installed package.
 # The file the package ships (sweep.tuned_hparams) is updated only by passing its path.
@@ -19,7 +20,7 @@ SWEEP_OUT = "runs/sweep/tuned_hparams.json"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-  from optax_localsgd.trainer import TrainConfig
+  from optax_localsgd.harness.trainer import TrainConfig
   d = TrainConfig()
   p.add_argument("--task", default=d.task, choices=tasks.available_tasks(), metavar="TASK",
                  help=f"task name, one of: {', '.join(tasks.available_tasks())} "
@@ -55,7 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-  from optax_localsgd.trainer import TrainConfig
+  from optax_localsgd.harness.trainer import TrainConfig
   return TrainConfig(
       task=args.task, server=args.server, workers=args.workers, local_steps=args.local_steps,
       batch_size=args.batch_size, rounds=args.rounds, seed=args.seed, local_lr=args.local_lr,
@@ -66,7 +67,7 @@ def _config(args):
 
 def _save_plot(draw: Callable[[pathlib.Path], None], path: pathlib.Path) -> bool:
   """``draw(path)``; without matplotlib, one line on stderr saying how to get the PNG."""
-  from optax_localsgd.plotting import INSTALL_HINT, PlotsUnavailable
+  from optax_localsgd.util.plotting import INSTALL_HINT, PlotsUnavailable
   try:
     draw(path)
     return True
@@ -77,7 +78,7 @@ def _save_plot(draw: Callable[[pathlib.Path], None], path: pathlib.Path) -> bool
 
 
 def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: str) -> None:
-  from optax_localsgd.plotting import plot_histories
+  from optax_localsgd.util.plotting import plot_histories
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(histories, indent=1) + "\n")
   png = out / f"{name}.png"
@@ -99,7 +100,7 @@ def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None
 
 
 def cmd_train(args) -> int:
-  from optax_localsgd import trainer
+  from optax_localsgd.harness import trainer
   cfg = _config(args)
   meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights)
   hist = trainer.train(cfg, meta_params=meta, progress=not args.quiet)
@@ -111,7 +112,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-  from optax_localsgd import demo
+  from optax_localsgd.harness import demo
   histories = demo.train_all(args.rounds, seed=args.seed, eval_every=args.eval_every,
                              data_dir=args.data_dir, progress=not args.quiet)
   print(demo.table(histories, args.rounds))
@@ -157,7 +158,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def cmd_evaluate(args) -> int:
-  from optax_localsgd import evaluation, report, sweep
+  from optax_localsgd.harness import evaluation, report, sweep
   methods = tuple(args.methods.split(","))
   from optax_localsgd import pretrained
   weights = {m: name for m in methods if (name := pretrained.default_name(
@@ -199,7 +200,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-  from optax_localsgd import sweep
+  from optax_localsgd.harness import sweep
   cfg = sweep.SweepConfig(
       task=args.task, workers=args.workers, local_steps=args.local_steps,
       batch_size=args.batch_size, rounds=args.rounds, min_rounds=args.min_rounds, eta=args.eta,
@@ -213,8 +214,21 @@ def cmd_sweep(args) -> int:
   return 0
 
 
+def maintainer_tool(name: str):
+  """``tools/NAME.py`` of the checkout in the current folder (maintainer tooling, no wheel)."""
+  import importlib.util
+  path = pathlib.Path("tools") / f"{name}.py"
+  if not path.is_file():
+    raise UsageError(f"This command is maintainer tooling: run it from the top of a source "
+                     f"checkout of optax-localsgd (it needs {path}, which is not installed).")
+  spec = importlib.util.spec_from_file_location(f"optax_localsgd_tools.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def cmd_publish(args) -> int:
-  from optax_localsgd import model_card
+  model_card = maintainer_tool("model_card")
   run = pathlib.Path(args.run)
   card = model_card.publish(
       run / "weights.npz", args.name, pathlib.Path(args.root), curve=run / "meta_loss.png",
@@ -340,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.set_defaults(fn=cmd_evaluate)
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
-      description="Successive halving over the grids of optax_localsgd.sweep; the winners are "
-      "stored under TASK/KK/HH/BB in the JSON file --out (other entries are kept).")
+      description="Successive halving over the grids of optax_localsgd.harness.sweep; the winners "
+      "are stored under TASK/KK/HH/BB in the JSON file --out (other entries are kept).")
   _add_setting_args(s)
   s.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam")
   s.add_argument("--rounds", type=int, default=1000, help="the last rung's rounds")
@@ -354,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--hparams)")
   s.set_defaults(fn=cmd_sweep)
   pub = sub.add_parser(
-      "publish", help="ship a meta-training run's weights under pretrained/ with a model card",
+      "publish", help="ship a meta-training run's weights under pretrained/ with a model card "
+      "(maintainer tooling: from the top of a source checkout)",
       description="Copies RUN/weights.npz to ROOT/NAME.npz, records its sha256 in "
       "ROOT/MANIFEST.json and writes the model card ROOT/NAME.md with RUN/meta_loss.png.")
   pub.add_argument("run", help="meta-training output directory")

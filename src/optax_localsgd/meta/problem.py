@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_localsgd import baselines, engine, tasks
+from optax_localsgd import engine, tasks
+from optax_localsgd.transforms import baselines
 from optax_localsgd.meta import pes
-from optax_localsgd.trainer import batch_fn_for
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.transforms import lagg_a, lopt_a
 
 
@@ -183,7 +183,7 @@ def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
 def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData,
                cap: float | None = None):
   task = group.task
-  batch_fn = batch_fn_for(task)
+  batch_fn = engine.batch_fn_for(task)
 
   def unroll(theta, inner, key_and_start):
     key, start = key_and_start

@@ -25,15 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import _version, data, engine, features, pretrained, tasks
+from optax_localsgd import _version, data, engine, pretrained, tasks
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta import checkpoint as ckpt
+from optax_localsgd.io import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
-from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
-from optax_localsgd.progress import Progress
-from optax_localsgd.signals import StopFlag
-from optax_localsgd.trainer import eval_batches, load_split, num_items
+from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned.params import MetaParams, init_lagg_a, init_lopt_a
+from optax_localsgd.util.progress import Progress
+from optax_localsgd.util.signals import StopFlag
 
 # Examples (of the fixed evaluation subset) over which the divergence guard's initial loss is
 # measured.
@@ -152,12 +152,12 @@ def _setup(cfg: MetaTrainConfig):
   groups, datas = [], []
   for i, name in enumerate(cfg.tasks):
     task = tasks.from_spec(name)
-    arrays = load_split(task, "train", cfg.data_dir)
-    n = num_items(task, arrays)
+    arrays = tasks.load_split(task, "train", cfg.data_dir)
+    n = tasks.num_items(task, arrays)
     datas.append(jax.device_put(engine.DeviceData(
         arrays, data.split_homogeneous(n, cfg.workers, cfg.seed + i))))
-    init_loss = (None if cfg.pes.loss_clip is None else
-                 initial_loss(task, eval_batches(task, arrays, INIT_LOSS_EXAMPLES), cfg.seed + i))
+    init_loss = (None if cfg.pes.loss_clip is None else initial_loss(
+        task, engine.eval_batches(task, arrays, INIT_LOSS_EXAMPLES), cfg.seed + i))
     groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr, init_loss))
   key = jax.random.PRNGKey(cfg.seed)
   state = init_meta_state(initial_theta(cfg), tuple(groups), jax.random.fold_in(key, 1), cfg.pes)
@@ -295,7 +295,7 @@ def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
 
 
 def _plot(log: dict, path: pathlib.Path, cfg: MetaTrainConfig) -> None:
-  from optax_localsgd import plotting
+  from optax_localsgd.util import plotting
   try:
     fig = plotting.figure(figsize=(6, 4), layout="constrained")
   except plotting.PlotsUnavailable:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from optax_localsgd.errors import UsageError
 from optax_localsgd.tasks.models import CNN, DATASETS, MLP, DatasetInfo, standardize
 from optax_localsgd.tasks.resnet import ResNet
+from optax_localsgd.tasks.splits import load_split, num_items
 from optax_localsgd.tasks.task import Task, num_params
 from optax_localsgd.tasks.transformer import DecoderLM, ViT
 
@@ -195,6 +196,6 @@ def from_spec(spec: str) -> Task:
 
 __all__ = [
     "CNN", "DATASETS", "DatasetInfo", "DecoderLM", "MLP", "ResNet", "Task", "ViT",
-    "available_tasks", "from_spec", "get_task", "num_params", "parse_spec", "standardize",
-    "task_overrides",
+    "available_tasks", "from_spec", "get_task", "load_split", "num_items", "num_params",
+    "parse_spec", "standardize", "task_overrides",
 ]

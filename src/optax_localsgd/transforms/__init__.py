@@ -1,8 +1,14 @@
-"""Server-side transforms: they map worker deltas to the update of the global weights."""
+"""Server-side transforms: they map worker deltas to the update of the global weights.
+
+* :mod:`~optax_localsgd.transforms.averaging`: ``local_sgd`` (model averaging) and ``slowmo``;
+* :mod:`~optax_localsgd.transforms.baselines`: the workers' SGD, DiLoCo and the adaptive
+  federated optimizers, as Optax compositions;
+* :mod:`~optax_localsgd.transforms.learned`: the learned optimizers ``lopt_a`` and ``lagg_a``.
+"""
 
 from optax_localsgd.transforms.averaging import (LocalSGDState, SlowMoState, local_sgd,
                                                  slowmo)
-from optax_localsgd.transforms.learned import LearnedOptState, lagg_a, lopt_a
+from optax_localsgd.transforms.learned.transform import LearnedOptState, lagg_a, lopt_a
 
 __all__ = [
     "LearnedOptState", "LocalSGDState", "SlowMoState", "lagg_a", "local_sgd", "lopt_a",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_localsgd import _validation
+from optax_localsgd.transforms import _validation
 from optax_localsgd.errors import UsageError
 
 

@@ -4,7 +4,7 @@ For one task and one (K, H, B), every method trains from the same initialisation
 seed) for the same number of rounds; each run's history is cached as JSON, so an interrupted
 evaluation resumes where it stopped and a finished one is recomputed only when its
 configuration changes. The metrics are computed from the global model's training loss on a
-fixed training subset (``trainer.EVAL_SUBSET_SEED``), never from the workers' local losses:
+fixed training subset (``engine.EVAL_SUBSET_SEED``), never from the workers' local losses:
 
 * speedup over local SGD (paper Table 2): for each seed, local SGD's minimum training loss
   ``L*`` over the run and the round ``R_local`` where it first reaches it; a method's speedup
@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from optax_localsgd import pretrained, trainer
+from optax_localsgd import pretrained
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.harness import trainer
+from optax_localsgd.transforms.learned.params import MetaParams
 
 # Seeds of the evaluation. Meta-training uses its own seed stream (``MetaTrainConfig.seed``,
 # 0 for the bundled weights) and the sweeps use SWEEP_SEED, so none of these was seen before.

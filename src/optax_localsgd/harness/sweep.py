@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import data, engine, servers, tasks, trainer
+from optax_localsgd import data, engine, tasks
 from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import servers, trainer
 
 SWEEP_SEED = 1000  # not an evaluation seed (evaluation.DEFAULT_SEEDS) nor a meta-training one
 LR_GRID = (1.0, 5e-1, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
@@ -106,10 +107,10 @@ def _sweep_data(task_name: str, data_dir: str | None, workers: int, eval_example
   """(task, data on the device, eval batches, their sizes): loaded once per setting, not once
   per rung and method."""
   task = tasks.from_spec(task_name)
-  arrays = trainer.load_split(task, "train", data_dir)
+  arrays = tasks.load_split(task, "train", data_dir)
   dev_data = jax.device_put(engine.DeviceData(
-      arrays, data.split_homogeneous(trainer.num_items(task, arrays), workers, SWEEP_SEED)))
-  batches = trainer.eval_batches(task, arrays, eval_examples)
+      arrays, data.split_homogeneous(tasks.num_items(task, arrays), workers, SWEEP_SEED)))
+  batches = engine.eval_batches(task, arrays, eval_examples)
   sizes = jnp.asarray([len(b["x"]) for b in batches], jnp.float32)
   return task, dev_data, batches, sizes
 

@@ -56,7 +56,7 @@ def num_features(num_delta_channels: int) -> int:
   """Input size of the MLP: 39 for LOpt-A (one delta channel), 38 + K for LAgg-A.
 
   Examples:
-    >>> from optax_localsgd.features import num_features
+    >>> from optax_localsgd.transforms.learned.features import num_features
     >>> num_features(1), num_features(8)  # LOpt-A; LAgg-A with K = 8
     (39, 46)
   """
@@ -90,7 +90,7 @@ def decays(offsets: jax.Array, initial: tuple[float, ...],
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_localsgd.features import decays, INITIAL_DECAYS
+    >>> from optax_localsgd.transforms.learned.features import decays, INITIAL_DECAYS
     >>> d = decays(jnp.zeros(7).at[0].set(0.1), INITIAL_DECAYS, "ada-v2")
     >>> round(float(d.mix[0]), 6)  # 1 - beta_1 = 0.1 * e: an offset of 0.1 scales it by e
     0.271828
@@ -123,7 +123,7 @@ def factor_spec(shape: tuple[int, ...]) -> FactorSpec:
   to the later axis (so conv kernels ``(h, w, in, out)`` factor ``in`` and ``out``).
 
   Examples:
-    >>> from optax_localsgd.features import factor_spec
+    >>> from optax_localsgd.transforms.learned.features import factor_spec
     >>> factor_spec((3, 3, 64, 64))  # a conv kernel: factors "in" and "out"
     FactorSpec(view_shape=(3, 3, 64, 64), row_axis=2, col_axis=3)
     >>> factor_spec((10,))  # a bias is seen as a (10, 1) matrix
@@ -223,7 +223,7 @@ def second_moment_normalize(x: jax.Array, axes: tuple[int, ...],
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_localsgd.features import second_moment_normalize
+    >>> from optax_localsgd.transforms.learned.features import second_moment_normalize
     >>> y = second_moment_normalize(jnp.asarray([3.0, 4.0]), axes=(0,))  # mean x^2 = 12.5
     >>> [round(float(v), 4) for v in y]
     [0.8485, 1.1314]

@@ -1,5 +1,8 @@
 """Publishing meta-trained weights into ``pretrained/``: the file, its manifest entry and its
-model card (``optax-localsgd publish``).
+model card (``optax-localsgd publish``, run from the top of the checkout).
+
+Maintainer tooling, outside the package: the wheel ships the weights, not the means to publish
+them. It uses only the public API (:mod:`optax_localsgd.pretrained`).
 
 A card says what the weights are for (task, K, H, B), how they were made (the recipe next to
 the paper's, the exact command, the meta-loss curve), how they do (the evaluation table, when

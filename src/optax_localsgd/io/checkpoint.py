@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd._npz import (METADATA_KEY, _arrays_sha256, _little_endian, _open_npz,
-                                 _read_member, _read_metadata, _write_npz_atomic)
+from optax_localsgd.io.npz import (METADATA_KEY, arrays_sha256, little_endian, open_npz,
+                                   read_member, read_metadata, write_npz_atomic)
 
 FORMAT = "optax-localsgd-checkpoint"
 FORMAT_VERSION = 1
@@ -69,7 +69,7 @@ def _to_storable(x: Any) -> tuple[np.ndarray, dict]:
       arr = arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
   if arr.dtype == object:
     raise TypeError(f"cannot checkpoint a leaf of type {type(x).__name__} (object array).")
-  return _little_endian(arr), extra
+  return little_endian(arr), extra
 
 
 def save_checkpoint(path: str | os.PathLike, tree: Any, meta: Mapping[str, Any]) -> None:
@@ -103,11 +103,11 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, meta: Mapping[str, Any])
       "treedef": str(treedef),
       "jax_version": jax.__version__,
       "leaves": specs,
-      "leaves_sha256": _arrays_sha256(arrays),
+      "leaves_sha256": arrays_sha256(arrays),
   }
   text = json.dumps(header, sort_keys=True, allow_nan=True, ensure_ascii=False)
   arrays[METADATA_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-  _write_npz_atomic(path, arrays)
+  write_npz_atomic(path, arrays)
 
 
 def _restore_leaf(arr: np.ndarray, spec: dict, template: Any) -> Any:
@@ -164,8 +164,8 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any,
   if not path.exists():
     raise FileNotFoundError(f"no checkpoint at {path}")
   corrupt = f"corrupt checkpoint {path}:"
-  with _open_npz(path, "corrupt checkpoint", CheckpointError) as npz:
-    header = _read_metadata(npz, path, "corrupt checkpoint", CheckpointError)
+  with open_npz(path, "corrupt checkpoint", CheckpointError) as npz:
+    header = read_metadata(npz, path, "corrupt checkpoint", CheckpointError)
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
       raise CheckpointError(
           f"{path} is not an optax-localsgd checkpoint of format version {FORMAT_VERSION} "
@@ -179,9 +179,9 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any,
       raise CheckpointError(
           f"{corrupt} expected {len(specs)} leaves, found entries "
           f"{sorted(names ^ expected_names)[:5]} missing or unexpected.")
-    arrays = {n: _read_member(npz, n, path, "corrupt checkpoint", CheckpointError)
+    arrays = {n: read_member(npz, n, path, "corrupt checkpoint", CheckpointError)
               for n in sorted(names)}
-  if _arrays_sha256(arrays) != header.get("leaves_sha256"):
+  if arrays_sha256(arrays) != header.get("leaves_sha256"):
     raise CheckpointError(f"{corrupt} its leaves do not match their recorded sha256 "
                           f"(the file was modified or damaged).")
   meta = header.get("meta")

@@ -1,7 +1,7 @@
 """Reproducible, atomic, pickle-free ``.npz`` archives with a JSON metadata member.
 
 The file layer under weight files (:mod:`optax_localsgd.pretrained`) and meta-training
-checkpoints (:mod:`optax_localsgd.meta.checkpoint`): arrays stored little-endian and
+checkpoints (:mod:`optax_localsgd.io.checkpoint`): arrays stored little-endian and
 uncompressed with a fixed timestamp (same input, same bytes), written through a temporary
 file, fsync and ``os.replace``, read with ``allow_pickle=False``, and hashed per array.
 """
@@ -28,7 +28,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _little_endian(arr: np.ndarray) -> np.ndarray:
+def little_endian(arr: np.ndarray) -> np.ndarray:
   """``arr`` as a C-contiguous little-endian array (same values, same dtype kind)."""
   arr = np.asarray(arr)
   arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
@@ -36,7 +36,7 @@ def _little_endian(arr: np.ndarray) -> np.ndarray:
   return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
   """Hex sha256 over ``arrays`` in sorted-name order.
 
   For each array the digest takes the line ``json.dumps([name, dtype.str, list(shape)])``
@@ -45,20 +45,20 @@ def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
   """
   h = hashlib.sha256()
   for name in sorted(arrays):
-    arr = _little_endian(arrays[name])
+    arr = little_endian(arrays[name])
     h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode("utf-8"))
     h.update(b"\n")
     h.update(arr.tobytes(order="C"))
   return h.hexdigest()
 
 
-def _metadata_array(metadata: Mapping[str, Any]) -> np.ndarray:
+def metadata_array(metadata: Mapping[str, Any]) -> np.ndarray:
   """``metadata`` as strict JSON (sorted keys, no NaN/inf) in a 1-D uint8 array."""
   text = json.dumps(metadata, sort_keys=True, allow_nan=False, ensure_ascii=False)
   return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def _write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
+def write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
   """Writes ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically.
 
   The archive goes to a temporary file in the destination folder, is fsync'ed and then
@@ -82,17 +82,17 @@ def _write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
       f.flush()
       os.fsync(f.fileno())
       f.seek(0)
-      digest = _sha256_of_stream(f)
+      digest = sha256_of_stream(f)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
-  _fsync_dir(directory)
+  fsync_dir(directory)
   return digest
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
+def fsync_dir(directory: pathlib.Path) -> None:
   """Best-effort fsync of a folder so the rename itself survives a crash (POSIX only)."""
   try:
     fd = os.open(directory, os.O_RDONLY)
@@ -106,7 +106,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
     os.close(fd)
 
 
-def _sha256_of_stream(f) -> str:
+def sha256_of_stream(f) -> str:
   h = hashlib.sha256()
   for chunk in iter(lambda: f.read(1 << 20), b""):
     h.update(chunk)
@@ -114,7 +114,7 @@ def _sha256_of_stream(f) -> str:
 
 
 @contextlib.contextmanager
-def _open_npz(path: pathlib.Path, what: str, error: type[ValueError]) -> Iterator[Any]:
+def open_npz(path: pathlib.Path, what: str, error: type[ValueError]) -> Iterator[Any]:
   """Opens ``path`` with ``np.load(allow_pickle=False)``; errors become ``error`` naming it."""
   try:
     loaded = np.load(path, allow_pickle=False)
@@ -128,7 +128,7 @@ def _open_npz(path: pathlib.Path, what: str, error: type[ValueError]) -> Iterato
     yield loaded
 
 
-def _read_member(npz, name: str, path: pathlib.Path, what: str,
+def read_member(npz, name: str, path: pathlib.Path, what: str,
                  error: type[ValueError]) -> np.ndarray:
   """One array of an open npz; pickled / non-.npy / CRC-failing members raise ``error``."""
   try:
@@ -140,12 +140,12 @@ def _read_member(npz, name: str, path: pathlib.Path, what: str,
   return arr
 
 
-def _read_metadata(npz, path: pathlib.Path, what: str, error: type[ValueError]) -> dict:
+def read_metadata(npz, path: pathlib.Path, what: str, error: type[ValueError]) -> dict:
   """Decodes the ``__metadata__`` member of an open npz into a dict."""
   if METADATA_KEY not in npz.files:
     raise error(f"{what} {path} has no {METADATA_KEY!r} entry; it was not written by "
                 f"optax-localsgd (or was re-saved without it).")
-  raw = _read_member(npz, METADATA_KEY, path, what, error)
+  raw = read_member(npz, METADATA_KEY, path, what, error)
   if raw.dtype != np.uint8 or raw.ndim != 1:
     raise error(f"{what} {path}: {METADATA_KEY!r} must be a 1-D uint8 array of UTF-8 JSON, "
                 f"got dtype {raw.dtype} shape {raw.shape}.")

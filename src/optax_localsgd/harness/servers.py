@@ -14,10 +14,9 @@ from typing import Callable
 import jax
 import optax
 
-from optax_localsgd import baselines
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import MetaParams, init_lagg_a, init_lopt_a
-from optax_localsgd.transforms import lagg_a, local_sgd, lopt_a, slowmo
+from optax_localsgd.transforms import baselines, lagg_a, local_sgd, lopt_a, slowmo
+from optax_localsgd.transforms.learned.params import MetaParams, init_lagg_a, init_lopt_a
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import baselines, data, engine, servers, tasks
+from optax_localsgd import data, engine, tasks
 from optax_localsgd.errors import UsageError
-from optax_localsgd.meta_params import MetaParams
-from optax_localsgd.progress import Progress
+from optax_localsgd.harness import servers
+from optax_localsgd.transforms import baselines
+from optax_localsgd.transforms.learned.params import MetaParams
+from optax_localsgd.util.progress import Progress
 
-# The global model's training loss is measured on this many training examples, the same
-# ones for every run (drawn with a fixed seed, independent of the run's seed).
-EVAL_SUBSET_SEED = 20240601
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,7 @@ class TrainConfig:
   Attributes:
     task: task spec: a name (``optax_localsgd.tasks.available_tasks()``), optionally with
       overrides (``"fmnist_mlp:standardize=false"``, see :func:`optax_localsgd.tasks.from_spec`).
-    server: server optimizer name (``optax_localsgd.servers.available_servers()``).
+    server: server optimizer name (``optax_localsgd.harness.servers.available_servers()``).
     workers: K. local_steps: H. batch_size: B per worker per local step.
     rounds: communication rounds.
     seed: seed of the model init, the worker split and the minibatches.
@@ -66,40 +65,6 @@ class TrainConfig:
   data_dir: str | None = None
 
 
-def load_split(task: tasks.Task, split: str, data_dir: str | None) -> dict[str, np.ndarray]:
-  """Host arrays of ``task``'s dataset: ``{"x", "y"}``, or ``{"x": bytes}`` for text."""
-  if task.dataset == "fashion_mnist":
-    ds = data.load_fashion_mnist(split, data_dir)
-  elif task.dataset == "cifar10":
-    ds = data.load_cifar10(split, data_dir)
-  elif task.dataset in ("imagenet32", "imagenet64"):
-    ds = data.load_imagenet_downsampled(
-        "val" if split == "test" else split, data_dir, resolution=int(task.dataset[-2:]),
-        num_classes=task.num_classes)
-  elif task.dataset == "text":
-    if data_dir is None:
-      raise UsageError("The text task needs --data-dir: a UTF-8 text file or a directory "
-                       "of *.txt files.")
-    return {"x": data.load_text_bytes(data_dir, "val" if split == "test" else split)}
-  else:
-    raise ValueError(f"No loader for dataset {task.dataset!r}.")
-  return {"x": ds.x, "y": ds.y}
-
-
-def num_items(task: tasks.Task, arrays: dict) -> int:
-  """Examples, or for a language model the number of valid window offsets."""
-  if task.kind == "language_model":
-    return len(arrays["x"]) - task.input_shape[0] - 1
-  return len(arrays["x"])
-
-
-def batch_fn_for(task: tasks.Task) -> engine.BatchFn:
-  """How the engine turns sampled indices into batches for ``task``."""
-  if task.kind == "language_model":
-    return engine.make_lm_batch(task.input_shape[0])
-  return engine.classification_batch
-
-
 def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_steps: int,
                  batch_size: int, local_lr, clip_norm: float | None = None,
                  weight_decay: float = 0.0, mesh=None) -> Callable:
@@ -111,20 +76,11 @@ def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_s
   """
   round_cfg = engine.RoundConfig(workers, local_steps, batch_size,
                                  per_worker_deltas=server.per_worker_deltas)
-  batch_fn = batch_fn_for(task)
+  batch_fn = engine.batch_fn_for(task)
   if server.mode == "data_parallel":
     return engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
   worker_tx = baselines.worker_sgd(local_lr, clip_norm, weight_decay)
   return engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
-
-
-def eval_batches(task: tasks.Task, arrays: dict, n: int, chunk: int = 2000) -> list[dict]:
-  """A fixed subset of ``n`` items in chunks, the same for every run."""
-  total = num_items(task, arrays)
-  idx = np.random.default_rng(EVAL_SUBSET_SEED).permutation(total)[:min(n, total)]
-  fn = batch_fn_for(task)
-  return [jax.tree.map(np.asarray, fn(arrays, idx[i:i + chunk]))
-          for i in range(0, len(idx), chunk)]
 
 
 def make_evaluator(task: tasks.Task, batches: list[dict]):
@@ -150,8 +106,8 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     ``global_train_loss`` is the global model's loss on the fixed training subset.
   """
   task = tasks.from_spec(cfg.task)
-  train_arrays = load_split(task, "train", cfg.data_dir)
-  n = num_items(task, train_arrays)
+  train_arrays = tasks.load_split(task, "train", cfg.data_dir)
+  n = tasks.num_items(task, train_arrays)
   shards = data.split_homogeneous(n, cfg.workers, cfg.seed)
   server = servers.make_server(
       cfg.server, num_workers=cfg.workers, local_learning_rate=cfg.local_lr,
@@ -177,7 +133,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
 
   run_chunk = jax.jit(engine.make_multi_round_fn(round_fn))
 
-  evaluate = make_evaluator(task, eval_batches(task, train_arrays, cfg.eval_examples))
+  evaluate = make_evaluator(task, engine.eval_batches(task, train_arrays, cfg.eval_examples))
   hist = {"config": dataclasses.asdict(cfg), "label": label or cfg.server, "rounds": [],
           "train_loss": [], "eval_rounds": [], "global_train_loss": [],
           "global_train_accuracy": []}
@@ -209,12 +165,12 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   bar.close()
   hist["wall_s"] = time.perf_counter() - t0
   try:
-    test_arrays = load_split(task, "test", cfg.data_dir)
+    test_arrays = tasks.load_split(task, "test", cfg.data_dir)
   except data.DatasetNotFoundError:
     test_arrays = None  # no held-out split on disk: report the training metrics only.
   if test_arrays is not None:
     hist["test_loss"], hist["test_accuracy"] = make_evaluator(
-        task, eval_batches(task, test_arrays, 10**9))(params)
+        task, engine.eval_batches(task, test_arrays, 10**9))(params)
   return hist
 
 

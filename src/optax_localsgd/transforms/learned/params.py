@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import features
+from optax_localsgd.transforms.learned import features
 
 FEATURE_SET_VERSION = features.DEFAULT_FEATURE_SET  # of new meta-parameters
 SIGN_CONVENTION = "delta = old - new"

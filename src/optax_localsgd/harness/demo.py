@@ -9,7 +9,7 @@ optimizer for it.
 from __future__ import annotations
 
 from optax_localsgd import pretrained
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned.params import MetaParams
 
 SETTING = dict(task="fmnist_mlp", workers=8, local_steps=4, batch_size=128)
 # Paper Table 5: tuned local learning rates and SlowMo's (gamma, alpha, beta).
@@ -24,8 +24,8 @@ TARGETS = (0.5, 0.3)  # training losses of the rounds-to columns
 
 def runs() -> list[tuple[str, dict, MetaParams | None]]:
   """(label, ``TrainConfig`` overrides, meta-params or ``None``) of each demo run, in order."""
-  from optax_localsgd import sweep
-  from optax_localsgd.evaluation import LABELS
+  from optax_localsgd.harness import sweep
+  from optax_localsgd.harness.evaluation import LABELS
   out: list[tuple[str, dict, MetaParams | None]] = [(l, kw, None) for l, kw in PAPER_RUNS]
   tuned = sweep.tuned_hparams(HPARAMS_KEY)
   out += [(LABELS[m], dict(server=m, **tuned[m]), None) for m in SWEPT]
@@ -42,7 +42,7 @@ def runs() -> list[tuple[str, dict, MetaParams | None]]:
 def train_all(rounds: int, *, seed: int = 0, eval_every: int = 10, data_dir: str | None = None,
               progress: bool = True) -> list[dict]:
   """``trainer.train`` histories of every run of :func:`runs`, ``rounds`` rounds each."""
-  from optax_localsgd import trainer
+  from optax_localsgd.harness import trainer
   histories = []
   for label, kw, meta in runs():
     cfg = trainer.TrainConfig(**SETTING, rounds=rounds, seed=seed, eval_every=eval_every,
@@ -54,7 +54,7 @@ def train_all(rounds: int, *, seed: int = 0, eval_every: int = 10, data_dir: str
 def table(histories: list[dict], rounds: int) -> str:
   """Markdown comparison: final training loss (nats), rounds to each of :data:`TARGETS`, test
   accuracy (%) and wall time (s) of each history."""
-  from optax_localsgd.trainer import rounds_to_reach
+  from optax_localsgd.harness.trainer import rounds_to_reach
   head = (f"| optimizer | training loss @ {rounds} | "
           + " | ".join(f"rounds to {t}" for t in TARGETS) + " | test accuracy | time (s) |")
   lines = [head, "|" + " --- |" * (4 + len(TARGETS))]

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from optax_localsgd import evaluation
-from optax_localsgd.plotting import figure
+from optax_localsgd.harness import evaluation
+from optax_localsgd.util.plotting import figure
 
 
 def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = False) -> str:

@@ -13,8 +13,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from optax_localsgd import features
-from optax_localsgd.meta_params import MetaParams
+from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned.params import MetaParams
 
 
 class LeafStep(Protocol):

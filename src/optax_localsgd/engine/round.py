@@ -15,7 +15,6 @@ runs under ``jax.distributed`` with several processes. Both placements draw the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,11 +24,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_localsgd.engine.batches import BatchFn, sample_indices
 from optax_localsgd.errors import UsageError
 
 WORKER_AXIS = "workers"
 LossFn = Callable[[Any, Any], jax.Array]
-BatchFn = Callable[[Any, jax.Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,31 +64,6 @@ class DeviceData(NamedTuple):
   """
   arrays: Any
   shards: jax.Array
-
-
-def sample_indices(key: jax.Array, shard: jax.Array, n: int) -> jax.Array:
-  """``n`` entries of ``shard`` in a fresh random order, without repetition while ``n`` <= size.
-
-  Longer requests concatenate independent permutations (epochs).
-  """
-  size = shard.shape[0]
-  reps = math.ceil(n / size)
-  perms = jax.vmap(lambda k: jax.random.permutation(k, size))(jax.random.split(key, reps))
-  return shard[perms.reshape(-1)[:n]]
-
-
-def classification_batch(arrays: dict, idx: jax.Array) -> dict:
-  """Gather examples ``idx`` of ``{"x", "y"}`` arrays."""
-  return {"x": arrays["x"][idx], "y": arrays["y"][idx]}
-
-
-def make_lm_batch(seq_len: int) -> BatchFn:
-  """Batches of byte windows ``x[o : o + seq_len + 1]`` starting at offsets ``idx``."""
-
-  def batch(arrays: dict, idx: jax.Array) -> dict:
-    return {"x": arrays["x"][idx[..., None] + jnp.arange(seq_len + 1)]}
-
-  return batch
 
 
 def _worker_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientTransformation,

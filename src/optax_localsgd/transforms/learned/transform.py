@@ -2,8 +2,9 @@
 Communication-Efficient Learning", TMLR 2025, section 4 and appendix A).
 
 Both keep Ada-feature accumulators of the averaged delta and apply a small per-parameter MLP
-(:mod:`optax_localsgd.mlp`) to the features of ``docs/features.md``. LOpt-A reads the averaged
-delta; LAgg-A reads the stack of the K worker deltas and averages it itself.
+(:mod:`optax_localsgd.transforms.learned.mlp`) to the features of ``docs/features.md``.
+LOpt-A reads the averaged delta; LAgg-A reads the stack of the K worker deltas and averages it
+itself.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_localsgd import _validation, features
-from optax_localsgd.meta_params import MetaParams
-from optax_localsgd.mlp import LeafStep, reference_leaf_step
+from optax_localsgd.transforms import _validation
+from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned.params import MetaParams
+from optax_localsgd.transforms.learned.mlp import LeafStep, reference_leaf_step
 
 
 class LearnedOptState(NamedTuple):
@@ -25,7 +27,7 @@ class LearnedOptState(NamedTuple):
   Attributes:
     count: rounds done (int32); the time features read it before it is incremented.
     accumulators: a pytree like params whose leaves are
-      :class:`optax_localsgd.features.AdaAccumulators` (float32).
+      :class:`optax_localsgd.transforms.learned.features.AdaAccumulators` (float32).
   """
   count: jax.Array
   accumulators: Any
@@ -94,7 +96,7 @@ def lopt_a(meta_params: MetaParams,
   Args:
     meta_params: LOpt-A :class:`~optax_localsgd.MetaParams` (``init_lopt_a`` or pretrained).
     leaf_step: per-tensor features + MLP; replace with a fused kernel of the same
-      signature (:class:`optax_localsgd.mlp.LeafStep`) to speed up large models.
+      signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`) to speed up large models.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.

@@ -1,0 +1,22 @@
+"""The engine: one communication round of local SGD as a pure, jittable function.
+
+* :mod:`optax_localsgd.engine.round`: ``make_round_fn`` and friends (workers vmapped on one
+  device or placed on a mesh), ``RoundConfig``, ``DeviceData``;
+* :mod:`optax_localsgd.engine.batches`: how workers draw minibatches on the device.
+
+Everything is re-exported here: ``from optax_localsgd import engine; engine.make_round_fn``.
+"""
+
+from optax_localsgd.engine.batches import (EVAL_SUBSET_SEED, BatchFn, batch_fn_for,
+                                           classification_batch, eval_batches, make_lm_batch,
+                                           sample_indices)
+from optax_localsgd.engine.round import (WORKER_AXIS, DeviceData, LossFn, RoundConfig,
+                                         make_data_parallel_round_fn, make_multi_round_fn,
+                                         make_round_fn, replicate, worker_mesh)
+
+__all__ = [
+    "EVAL_SUBSET_SEED", "BatchFn", "DeviceData", "LossFn", "RoundConfig", "WORKER_AXIS",
+    "batch_fn_for", "classification_batch", "eval_batches", "make_data_parallel_round_fn",
+    "make_lm_batch", "make_multi_round_fn", "make_round_fn", "replicate", "sample_indices",
+    "worker_mesh",
+]
