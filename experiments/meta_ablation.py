@@ -112,12 +112,12 @@ def main(argv=None) -> int:
     if args.report_only:
       continue
     weights = _meta_train(name, flags, args.base, args.steps, args.outer_steps, out)
-    optimizer = "lagg_a" if "lagg_a" in (args.base + " " + flags).split() else "lopt_a"
+    optimizer = _optimizer(args.base, flags)
     _evaluate(name, weights, optimizer, args)
   rows = []
   for d in sorted(p for p in out.iterdir() if (p / "eval.json").exists()):
     flags = (d / "flags.txt").read_text().strip()
-    optimizer = "lagg_a" if "lagg_a" in (args.base + " " + flags).split() else "lopt_a"
+    optimizer = _optimizer(args.base, flags)
     log = json.loads((d / "log.json").read_text())
     rows.append(_row(d.name, flags, json.loads((d / "eval.json").read_text()), optimizer, log))
   (out / "ablation.json").write_text(json.dumps({"base": args.base, "steps": args.steps,
@@ -137,6 +137,11 @@ def main(argv=None) -> int:
   (out / "ablation.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0
+
+
+def _optimizer(base: str, flags: str) -> str:
+  """The optimizer a variant meta-trains: its flags' ``--optimizer`` over the base's."""
+  return "lagg_a" if "lagg_a" in (base + " " + flags).split() else "lopt_a"
 
 
 def _fmt(x):

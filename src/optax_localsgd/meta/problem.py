@@ -211,7 +211,7 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
   def outer_step(state: MetaState, datas):
     key, k_step = jax.random.split(state.key)
     theta = state.theta
-    new_groups, losses, ests = [], [], []
+    new_groups, ests = [], []
     n_bad = n_capped = jnp.zeros([], jnp.int32)
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
@@ -222,7 +222,6 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
           lambda th, inner, ks: unroll(th, inner, ks), theta,
           (gs.params, gs.server_state), gs.xi, (gs.key, gs.rounds_done), eps, pcfg.sigma)
       ests.append(est)
-      losses.append(est.losses)
       n_bad = n_bad + jnp.sum(~est.finite)
       capped = jnp.zeros_like(est.finite) if cap is None else diverged(est.losses, cap)
       n_capped = n_capped + jnp.sum(capped)
@@ -238,7 +237,7 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
     grad = jax.tree.map(lambda g: jnp.where(total_ok > 0, g, jnp.nan), grad)
     # Mean over the finite pairs only: one NaN pair (already ignored by the estimate) must not
     # turn the logged meta-loss into NaN. NaN only when no pair is finite.
-    flat = jnp.concatenate([l.reshape(-1) for l in losses])
+    flat = jnp.concatenate([e.losses.reshape(-1) for e in ests])
     ok = jnp.isfinite(flat)
     mean_loss = jnp.where(jnp.any(ok), jnp.sum(jnp.where(ok, flat, 0.0)) /
                           jnp.maximum(jnp.sum(ok), 1), jnp.nan)
