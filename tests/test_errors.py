@@ -89,3 +89,10 @@ def test_slowmo_schedules_and_traced_values_are_not_range_checked():
     return tx.update(params, tx.init(params), params)[0]["w"]
 
   np.testing.assert_allclose(jax.vmap(one)(jnp.array([0.1, 0.3])), -np.ones((2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [8.0, jnp.array(8), True])
+def test_lagg_a_needs_a_python_integer_k(k):
+  with pytest.raises(ValueError, match=r"lagg_a needs k as a Python integer"):
+    ol.lagg_a(ol.init_lagg_a(KEY, 8), k)
+  ol.lagg_a(ol.init_lagg_a(KEY, 8), np.int64(8))  # a NumPy integer is fine
