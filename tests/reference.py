@@ -30,22 +30,32 @@ def local_sgd_update(deltas, learning_rate):
 
 
 class SlowMo:
-    """SlowMo server step (Wang et al. 2019): u <- beta*u + delta/gamma; update = -alpha*gamma*u."""
+    """SlowMo server step (Wang et al. 2019): u <- beta*u + delta/gamma; update = -alpha*gamma*u.
+
+    ``slow_learning_rate`` and ``local_learning_rate`` may be functions of the round t (0 at the
+    first step), evaluated here in float64."""
 
     def __init__(self, slow_learning_rate, momentum, local_learning_rate, shapes):
-        self.alpha = float(slow_learning_rate)
+        self.alpha = _as_schedule(slow_learning_rate)
         self.beta = float(momentum)
-        self.gamma = float(local_learning_rate)
+        self.gamma = _as_schedule(local_learning_rate)
         self.u = [np.zeros(tuple(s), dtype=np.float64) for s in shapes]
+        self.t = 0
 
     def step(self, deltas):
         """u <- beta*u + delta/gamma ; update = -alpha*gamma*u   (SPEC section 2). Returns updates."""
+        alpha, gamma = self.alpha(self.t), self.gamma(self.t)
         updates = []
         for i, d in enumerate(deltas):
             d = np.asarray(d, dtype=np.float64)
-            self.u[i] = self.beta * self.u[i] + d / self.gamma
-            updates.append(-self.alpha * self.gamma * self.u[i])
+            self.u[i] = self.beta * self.u[i] + d / gamma
+            updates.append(-alpha * gamma * self.u[i])
+        self.t += 1
         return updates
+
+
+def _as_schedule(x):
+    return (lambda t: float(x(t))) if callable(x) else (lambda t: float(x))
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import optax_localsgd as ol
@@ -65,6 +67,32 @@ def test_lopt_a_without_params():
     tx.update(params, tx.init(params))
 
 
-def test_slowmo_bad_local_learning_rate():
-  with pytest.raises(ValueError, match="local_learning_rate > 0"):
-    ol.slowmo(1.0, 0.9, 0.0)
+@pytest.mark.parametrize("gamma", [0.0, -0.1, float("nan"), np.float32(0.0), jnp.array(-1.0)])
+def test_slowmo_bad_local_learning_rate(gamma):
+  with pytest.raises(ol.UsageError, match="slowmo needs local_learning_rate > 0, got"):
+    ol.slowmo(1.0, 0.9, gamma)
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.1, 1.5, jnp.array(1.0)])
+def test_slowmo_momentum_outside_unit_interval(beta):
+  with pytest.raises(ol.UsageError, match=r"slowmo needs 0 <= momentum < 1, got"):
+    ol.slowmo(1.0, beta, 0.1)
+
+
+def test_slowmo_schedules_and_traced_values_are_not_range_checked():
+  """A schedule cannot be checked at build time, nor a value a sweep vmaps over."""
+  ol.slowmo(optax.constant_schedule(1.0), 0.9, optax.constant_schedule(0.1))
+  params = {"w": jnp.ones(3)}
+
+  def one(gamma):
+    tx = ol.slowmo(1.0, 0.9, gamma)
+    return tx.update(params, tx.init(params), params)[0]["w"]
+
+  np.testing.assert_allclose(jax.vmap(one)(jnp.array([0.1, 0.3])), -np.ones((2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [8.0, jnp.array(8), True])
+def test_lagg_a_needs_a_python_integer_k(k):
+  with pytest.raises(ValueError, match=r"lagg_a needs k as a Python integer"):
+    ol.lagg_a(ol.init_lagg_a(KEY, 8), k)
+  ol.lagg_a(ol.init_lagg_a(KEY, 8), np.int64(8))  # a NumPy integer is fine

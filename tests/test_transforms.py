@@ -53,24 +53,40 @@ def _assert_rounds_close(got, want, rtol, atol):
       np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"round {t}")
 
 
-@pytest.mark.parametrize("lr", [1.0, 0.7])
-def test_local_sgd_matches_reference(lr):
+# Schedules as Optax builds them, and the same functions of the round t written out for the
+# float64 reference: the transform must call them with t = 0 at the first update.
+DECAY = (optax.exponential_decay(0.9, transition_steps=1, decay_rate=0.5), lambda t: 0.9 * 0.5**t)
+STEP_DOWN = (optax.piecewise_constant_schedule(0.3, {2: 1 / 3}), lambda t: 0.3 if t < 2 else 0.1)
+WARMUP = (optax.linear_schedule(0.5, 2.0, transition_steps=4), lambda t: 0.5 + 1.5 * min(t, 4) / 4)
+
+
+@pytest.mark.parametrize("lr, ref_lr", [(1.0, 1.0), (0.7, 0.7), DECAY, WARMUP])
+def test_local_sgd_matches_reference(lr, ref_lr):
   params = make_params()
   deltas = _deltas(params, ROUNDS)
   got, state = _run(ol.local_sgd(lr), params, deltas)
-  want = _run_reference(lambda p, d: ref.local_sgd_update(d, lr), params, deltas)
+  lrs = iter([ref_lr(t) if callable(ref_lr) else ref_lr for t in range(ROUNDS)])
+  want = _run_reference(lambda p, d: ref.local_sgd_update(d, next(lrs)), params, deltas)
   _assert_rounds_close(got, want, 1e-6, 1e-8)
   assert state.count == ROUNDS and state.count.dtype == jnp.int32
 
 
-@pytest.mark.parametrize("alpha, beta, gamma", [(1.0, 0.95, 0.1), (1.66, 0.9, 0.3)])
+@pytest.mark.parametrize("alpha, beta, gamma", [
+    (1.0, 0.95, 0.1), (1.66, 0.9, 0.3),
+    (WARMUP, 0.9, 0.3),  # a schedule of the slow learning rate
+    (1.0, 0.9, STEP_DOWN),  # of the local one: each delta is divided by its round's gamma
+    (DECAY, 0.5, STEP_DOWN),
+])
 def test_slowmo_matches_reference(alpha, beta, gamma):
+  ours = lambda x: x[0] if isinstance(x, tuple) else x
+  theirs = lambda x: x[1] if isinstance(x, tuple) else x
   params = make_params()
   deltas = _deltas(params, ROUNDS)
-  got, _ = _run(ol.slowmo(alpha, beta, gamma), params, deltas)
-  r = ref.SlowMo(alpha, beta, gamma, [p.shape for p in jax.tree.leaves(params)])
+  got, state = _run(ol.slowmo(ours(alpha), beta, ours(gamma)), params, deltas)
+  r = ref.SlowMo(theirs(alpha), beta, theirs(gamma), [p.shape for p in jax.tree.leaves(params)])
   want = _run_reference(lambda p, d: r.step(d), params, deltas)
   _assert_rounds_close(got, want, 1e-5, 1e-7)
+  assert state.count == ROUNDS
 
 
 def _ref_learned(meta, params, k=None):

@@ -1,13 +1,17 @@
 """Input checks at the API boundary, raising ``ValueError`` messages that name the problem.
 
-They run on static shapes at trace time, so they cost nothing inside ``jax.jit``.
+They run on static shapes and on constant hyperparameters at trace time, so they cost nothing
+inside ``jax.jit``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
+
+from optax_localsgd.errors import UsageError
 
 
 def _path_str(path) -> str:
@@ -45,3 +49,22 @@ def check_deltas_match(deltas: Any, params: Any, leading: tuple[int, ...] = (),
       raise ValueError(
           f"Shape mismatch at {_path_str(path)}: {what} have shape {tuple(d.shape)}, "
           f"params have {tuple(p.shape)} (expected {want}).")
+
+
+def is_constant(value: Any) -> bool:
+  """True for a Python or NumPy number or a concrete scalar array; False for a schedule (a
+  callable of the step count) or a traced value, whose range cannot be known at build time
+  (sweeps ``vmap`` over candidate hyperparameters, and ``optax.inject_hyperparams`` rebuilds
+  the transform from traced ones inside ``jit``)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return False
+  return np.ndim(value) == 0
+
+
+def check_hyperparameter(fn_name: str, value: Any, ok: Callable[[float], bool],
+                         want: str) -> None:
+  """Raise a :class:`~optax_localsgd.UsageError` ``"<fn_name> needs <want>, got <value>."``
+  when ``value`` is a constant for which ``ok(float(value))`` is false (NaN always fails a
+  comparison). Schedules and traced values pass unchecked (:func:`is_constant`)."""
+  if is_constant(value) and not ok(float(value)):
+    raise UsageError(f"{fn_name} needs {want}, got {value}.")

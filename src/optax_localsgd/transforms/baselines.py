@@ -14,10 +14,18 @@ from __future__ import annotations
 import optax
 
 
-def worker_sgd(learning_rate: float, clip_norm: float | None = None,
+def worker_sgd(learning_rate: optax.ScalarOrSchedule, clip_norm: float | None = None,
                weight_decay: float = 0.0) -> optax.GradientTransformation:
   """The workers' optimizer: ``sgd(lr)``, optionally after global-norm clipping and with
-  (coupled) weight decay added to the gradient."""
+  (coupled) weight decay added to the gradient.
+
+  Args:
+    learning_rate: gamma, a number or an Optax schedule of the worker's step count. The engine
+      gives the workers a fresh optimizer state every round, so such a schedule restarts at 0
+      each round: it runs over the H local steps of one round.
+    clip_norm: clip each gradient to this global norm first; ``None``: no clipping.
+    weight_decay: coefficient of the ``weight_decay * params`` added to the gradient.
+  """
   parts = []
   if clip_norm is not None:
     parts.append(optax.clip_by_global_norm(clip_norm))
@@ -27,8 +35,18 @@ def worker_sgd(learning_rate: float, clip_norm: float | None = None,
   return optax.chain(*parts)
 
 
-def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientTransformation:
-  """DiLoCo's outer optimizer: Nesterov SGD on the mean delta (defaults from the DiLoCo paper).
+def diloco(learning_rate: optax.ScalarOrSchedule = 0.7,
+           momentum: float = 0.9) -> optax.GradientTransformation:
+  """DiLoCo's outer optimizer: Nesterov SGD on the mean delta (defaults from the DiLoCo paper),
+  ``optax.sgd(learning_rate, momentum, nesterov=True)``::
+
+      m_t      = momentum * m_{t-1} + Delta_t
+      update_t = -lr_t * (Delta_t + momentum * m_t)
+
+  Args:
+    learning_rate: the outer learning rate, dimensionless (it scales deltas); a number or an
+      Optax schedule of the round count (0 at the first update).
+    momentum: the Nesterov momentum coefficient (a number, as in ``optax.sgd``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -43,9 +61,12 @@ def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientT
   return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
 
 
-def fedadam(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
+def fedadam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9, b2: float = 0.99,
             eps: float = 1e-3) -> optax.GradientTransformation:
   """FedAdam server optimizer: ``optax.adam`` on the mean delta (Reddi et al., 2020).
+
+  ``learning_rate`` (in weight units: Adam's steps are about ``lr`` per coordinate) may be an
+  Optax schedule of the round count.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -60,12 +81,15 @@ def fedadam(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def fedyogi(learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99,
+def fedyogi(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9, b2: float = 0.99,
             eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedYogi server optimizer: ``optax.yogi`` on the mean delta (Reddi et al., 2020)."""
+  """FedYogi server optimizer: ``optax.yogi`` on the mean delta (Reddi et al., 2020);
+  ``learning_rate`` may be an Optax schedule of the round count."""
   return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def fedadagrad(learning_rate: float = 1e-1, eps: float = 1e-3) -> optax.GradientTransformation:
-  """FedAdagrad server optimizer: ``optax.adagrad`` on the mean delta (Reddi et al., 2020)."""
+def fedadagrad(learning_rate: optax.ScalarOrSchedule = 1e-1,
+               eps: float = 1e-3) -> optax.GradientTransformation:
+  """FedAdagrad server optimizer: ``optax.adagrad`` on the mean delta (Reddi et al., 2020);
+  ``learning_rate`` may be an Optax schedule of the round count."""
   return optax.adagrad(learning_rate, eps=eps)

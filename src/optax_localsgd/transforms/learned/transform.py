@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_localsgd.transforms import _validation
@@ -41,8 +42,9 @@ def _check_meta(meta_params, fn_name):
 
 
 def _learned(meta_params: MetaParams, num_workers: int | None,
-             leaf_step: LeafStep) -> optax.GradientTransformationExtraArgs:
+             leaf_step: LeafStep | None) -> optax.GradientTransformationExtraArgs:
   name = meta_params.config.kind
+  leaf_step = reference_leaf_step if leaf_step is None else leaf_step
 
   def init_fn(params):
     return LearnedOptState(
@@ -84,7 +86,7 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
 
 
 def lopt_a(meta_params: MetaParams,
-           leaf_step: LeafStep = reference_leaf_step) -> optax.GradientTransformationExtraArgs:
+           leaf_step: LeafStep | None = None) -> optax.GradientTransformationExtraArgs:
   """LOpt-A: the worker-invariant learned server optimizer.
 
   ``updates`` is the averaged delta ``Delta = mean_k (W_old - W_new^(k))``, a pytree like
@@ -95,8 +97,15 @@ def lopt_a(meta_params: MetaParams,
 
   Args:
     meta_params: LOpt-A :class:`~optax_localsgd.MetaParams` (``init_lopt_a`` or pretrained).
-    leaf_step: per-tensor features + MLP; replace with a fused kernel of the same
-      signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`) to speed up large models.
+    leaf_step: per-tensor features + MLP; ``None`` (the default) is
+      :func:`~optax_localsgd.transforms.learned.mlp.reference_leaf_step`. Replace with a fused
+      kernel of the same signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`) to
+      speed up large models. (The default is ``None`` rather than the function because
+      ``optax.inject_hyperparams`` takes every callable argument for a schedule; pass
+      ``static_args=("leaf_step",)`` there when you give a kernel.)
+
+  There are no numeric hyperparameters: the meta-parameters fix the step (the learned MLP
+  plays the role of a learning rate), so nothing here takes a schedule.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -127,7 +136,7 @@ def lopt_a(meta_params: MetaParams,
 
 
 def lagg_a(meta_params: MetaParams, k: int,
-           leaf_step: LeafStep = reference_leaf_step) -> optax.GradientTransformationExtraArgs:
+           leaf_step: LeafStep | None = None) -> optax.GradientTransformationExtraArgs:
   """LAgg-A: the worker-aware learned server optimizer (a learned aggregator).
 
   ``updates`` is the per-worker stack: every leaf has shape ``(k,) + param.shape`` and holds
@@ -137,7 +146,8 @@ def lagg_a(meta_params: MetaParams, k: int,
 
   Args:
     meta_params: LAgg-A :class:`~optax_localsgd.MetaParams` built for exactly ``k`` workers.
-    k: the number of workers K (the leading axis of every delta leaf).
+    k: the number of workers K (the leading axis of every delta leaf). It fixes shapes, so
+      under ``optax.inject_hyperparams`` it must be static: ``static_args=("k",)``.
     leaf_step: per-tensor features + MLP (see :func:`lopt_a`).
 
   Returns:
@@ -158,6 +168,11 @@ def lagg_a(meta_params: MetaParams, k: int,
     {'b': (3,), 'w': (4, 3)}
   """
   _check_meta(meta_params, "lagg_a")
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+    raise ValueError(
+        f"lagg_a needs k as a Python integer (it fixes the deltas' leading axis), got "
+        f"{type(k).__name__}. Under optax.inject_hyperparams pass static_args=('k',).")
+  k = int(k)
   cfg = meta_params.config
   if cfg.kind != "lagg_a":
     raise ValueError(
