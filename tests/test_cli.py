@@ -24,7 +24,7 @@ def test_train_writes_json_log_and_png(tmp_path):
   assert hist["eval_rounds"] == [0, 3, 6] and len(hist["train_loss"]) == 6
   assert hist["global_train_loss"][-1] < hist["global_train_loss"][0]
   assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "6/6 rounds" in r.stderr  # the progress bar
+  assert "6/6 [" in r.stderr and "local_loss=" in r.stderr  # the progress bar
 
 
 def test_demo_prints_a_comparison_table(tmp_path):

@@ -218,8 +218,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   outer_step = _jitted_outer_step(groups, cfg.pes)
   start = int(state.step)
   total = cfg.pes.outer_steps
-  bar = Progress(total, desc=f"meta-train {cfg.optimizer}", enabled=progress, unit="steps")
-  bar.n = start
+  bar = Progress(total, desc=f"meta-train {cfg.optimizer}", enabled=progress, unit="steps",
+                 initial=start)
 
   def save():
     ckpt.save_checkpoint(ck_path, state, {"config": cfg.identity(), "log": log})
