@@ -234,6 +234,7 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
   for name in pretrained.available():
     meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
     path = pretrained.resolve(name)
+    assert path.suffix == ".safetensors", f"{name} ships as {path.name}: convert it"
     card = path.with_suffix(".md")
     assert card.is_file(), f"{name} ships without a model card ({card})"
     text = card.read_text()
