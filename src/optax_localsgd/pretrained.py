@@ -4,9 +4,10 @@ This module is the API; the file format is :mod:`optax_localsgd.io.weights` and 
 files is :mod:`optax_localsgd.io.locate`. A weight file is one safetensors file of float32
 arrays and a JSON header (format, config, info, arrays_sha256); weight files written before
 safetensors, ``.npz`` archives of the same arrays, still load with identical numbers. Neither
-format can hold code, so a downloaded file can at worst be rejected, never execute any. Writes are atomic (temporary file in the same folder, fsync, ``os.replace``)
-and byte-for-byte reproducible: the same weights, config and info always give the same file
-and the same :func:`file_sha256`.
+format can hold code, so a downloaded file can at worst be rejected, never execute any. Writes
+are atomic (temporary file in the same folder, fsync, ``os.replace``) and byte-for-byte
+reproducible: the same weights, config and info always give the same file and the same
+:func:`file_sha256`.
 
 Bundled weights are package data (the top-level ``pretrained/`` folder of the source tree,
 installed as ``optax_localsgd/_pretrained``) and are named by their relative path

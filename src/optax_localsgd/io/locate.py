@@ -73,8 +73,9 @@ def run_weights(directory: pathlib.Path) -> pathlib.Path:
 def locate(path_or_name: PathLike) -> tuple[pathlib.Path, str | None]:
   """(the weight file, its bundled name or ``None``) for a path, a run directory or a name.
 
-  A ``str`` not ending in ``.safetensors`` / ``.npz`` is first a bundled name and only then a directory, so a
-  local folder cannot shadow bundled weights; pass a ``pathlib.Path`` to mean the folder.
+  A ``str`` not ending in ``.safetensors`` / ``.npz`` is first a bundled name and only then a
+  directory, so a local folder cannot shadow bundled weights; pass a ``pathlib.Path`` to mean
+  the folder.
   """
   if not isinstance(path_or_name, (str, os.PathLike)):
     raise TypeError(f"Expected a path or a bundled name, got {type(path_or_name).__name__}.")

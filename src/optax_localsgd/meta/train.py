@@ -5,7 +5,8 @@
 * ``checkpoint.npz`` every ``checkpoint_every`` outer steps and on SIGINT/SIGTERM (atomic);
 * ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts;
 * ``meta_loss.png``: the meta-loss curve;
-* ``weights.safetensors``: the meta-trained optimizer with its metadata (``pretrained.load`` reads it).
+* ``weights.safetensors``: the meta-trained optimizer with its metadata (``pretrained.load``
+  reads it).
 
 With ``resume=True`` it continues from ``checkpoint.npz`` exactly where it stopped.
 """
