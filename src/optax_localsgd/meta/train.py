@@ -252,7 +252,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
                       (time_budget_s is not None and now - t_start >= time_budget_s))
       if snapshot_every and step % snapshot_every == 0:
         (out / "snapshots").mkdir(exist_ok=True)
-        _export(out / "snapshots" / f"weights_step{step:06d}.safetensors", state, cfg, log, command)
+        _export(out / "snapshots" / f"weights_step{step:06d}{pretrained.SUFFIX}", state, cfg,
+                log, command)
       if step % cfg.checkpoint_every == 0 or stop.signum is not None or reached_stop:
         save()
       if stop.signum is not None or reached_stop:
