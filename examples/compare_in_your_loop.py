@@ -15,7 +15,7 @@ rounds to that loss), the rounds to a target loss and the final loss, all on a f
   python examples/compare_in_your_loop.py                          # 2-layer MLP, 300 rounds
   python examples/compare_in_your_loop.py --hidden 128,128,128     # held out: 3 layers
   python examples/compare_in_your_loop.py --hidden 512,512         # held out: 4x wider
-  python examples/compare_in_your_loop.py --weights lopt_a=runs/x/weights.npz
+  python examples/compare_in_your_loop.py --weights lopt_a=runs/x/weights.safetensors
 
 Writes ``--out``/compare.json and, with matplotlib, compare.png.
 """

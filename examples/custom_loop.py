@@ -8,9 +8,9 @@ Only the server transform (and the data loader) come from the package: swap in y
 model, data and worker optimizer. (``optax_localsgd.engine.make_round_fn`` packages the same round, with
 minibatches drawn on the device and a multi-device option.)
 
-  python examples/custom_loop.py                      # bundled weights
-  python examples/custom_loop.py --weights my.npz     # a weight file of your own
-  python examples/custom_loop.py --untrained          # no weights installed: fresh LOpt-A
+  python examples/custom_loop.py                           # bundled weights
+  python examples/custom_loop.py --weights my.safetensors  # a weight file of your own
+  python examples/custom_loop.py --untrained               # no weights installed: fresh LOpt-A
 
 Runs in well under a minute on a CPU.
 """
@@ -74,7 +74,7 @@ def load_data(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def server_weights(args: argparse.Namespace) -> ol.MetaParams:
-  """LOpt-A meta-parameters: a bundled name or .npz path, or fresh ones with --untrained."""
+  """LOpt-A meta-parameters: a bundled name or a weight file, or fresh ones with --untrained."""
   if args.untrained:
     print("note: fresh, un-meta-trained LOpt-A weights (the starting point of meta-training, "
           "not a useful optimizer yet).", file=sys.stderr)
@@ -128,8 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog=PROG, description="A Flax MLP trained with local SGD: "
                                "K workers x H steps of clip+SGD, LOpt-A on the server.")
   ap.add_argument("--weights", default="lopt_a/fmnist_mlp_k8_h4",
-                  help="LOpt-A weights: a bundled name or a .npz path (default "
-                  "lopt_a/fmnist_mlp_k8_h4)")
+                  help="LOpt-A weights: a bundled name or a .safetensors (or older .npz) path "
+                  "(default lopt_a/fmnist_mlp_k8_h4)")
   ap.add_argument("--untrained", action="store_true",
                   help="fresh, un-meta-trained LOpt-A weights (when none are installed)")
   ap.add_argument("--workers", "-K", type=int, default=8, help="workers K (default 8)")

@@ -2,8 +2,9 @@
 # The paper's full meta-training recipe (appendix B: 5000 outer steps, 8 tasks per estimate,
 # truncations of 50 rounds, inner problems of 100-1000 rounds) on one GPU, inside one device call
 # of fixed length: it stops with a checkpoint after the first outer step that ends past
-# TIME_BUDGET seconds and writes the weights it has ($OUT/OPTIMIZER/weights.npz, whose metadata
-# say how many of the 5000 steps were done). A later call with --resume goes on from there.
+# TIME_BUDGET seconds and writes the weights it has ($OUT/OPTIMIZER/weights.safetensors, whose
+# metadata say how many of the 5000 steps were done). A later call with --resume goes on from
+# there.
 #
 #   OUT=/tmp/out DATA_DIR=data/fashion-mnist bash experiments/gpu_full_recipe.sh lopt_a
 #   bash experiments/gpu_full_recipe.sh lagg_a --resume        # the next device call

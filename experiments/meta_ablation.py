@@ -38,11 +38,12 @@ def _steps_done(run: pathlib.Path) -> int:
 
 def _meta_train(name: str, flags: str, base: str, steps: int, planned: int,
                 out: pathlib.Path) -> pathlib.Path:
-  from optax_localsgd import cli
+  from optax_localsgd import cli, pretrained
   run = out / name
   done = _steps_done(run)
-  if done >= steps and (run / "weights.npz").exists():
-    return run / "weights.npz"
+  for weights in (pretrained.RUN_WEIGHTS, pretrained.LEGACY_RUN_WEIGHTS):  # an older run's too
+    if done >= steps and (run / weights).exists():
+      return run / weights
   argv = ["meta-train", *shlex.split(base), *shlex.split(flags), "--outer-steps", str(planned),
           "--stop-after", str(steps - done), "--export-partial", "--out", str(run)]
   if (run / "checkpoint.npz").exists():
@@ -50,7 +51,7 @@ def _meta_train(name: str, flags: str, base: str, steps: int, planned: int,
   rc = cli.main(argv)
   if rc != 0:
     raise SystemExit(f"meta-train {name} failed with exit code {rc}: {' '.join(argv)}")
-  return run / "weights.npz"
+  return run / pretrained.RUN_WEIGHTS
 
 
 def _evaluate(name: str, weights: pathlib.Path, optimizer: str, args) -> dict:

@@ -27,3 +27,41 @@ def random_meta(meta, seed=0, offset_scale=0.5):
          else v for k, v in meta.mlp.items()}
   offsets = (offset_scale * rng.normal(size=7)).astype(np.float32)
   return type(meta)(mlp=mlp, decay_offsets=jax.numpy.asarray(offsets), config=meta.config)
+
+
+def write_legacy_npz(path, meta, info):
+  """A weight file as optax-localsgd wrote them before safetensors: the code path of the old
+  ``io.weights.write`` (float32 little-endian arrays, then the JSON as a uint8
+  ``__metadata__`` member, through ``io.npz.write_npz_atomic``). tests/test_weight_formats.py
+  checks that it reproduces an old bundled file byte for byte. Returns the file's sha256."""
+  from optax_localsgd.io import npz, weights
+  arrays = {n: npz.little_endian(np.asarray(meta.decay_offsets if n == "decay_offsets"
+                                            else meta.mlp[n[4:]]).astype(np.float32))
+            for n in weights.ARRAY_NAMES}
+  header = {"format": weights.FORMAT, "format_version": weights.FORMAT_VERSION,
+            "config": meta.config.to_dict(), "info": dict(info),
+            "arrays_sha256": npz.arrays_sha256(arrays)}
+  arrays[npz.METADATA_KEY] = npz.metadata_array(header)
+  return npz.write_npz_atomic(path, arrays)
+
+
+def bits(x):
+  """The raw bytes of an array, so comparisons are bit-exact (NaN payloads, -0.0 included)."""
+  x = np.asarray(x)
+  return x.dtype.str, x.shape, x.tobytes()
+
+
+def read_npz(path):
+  """Every member of an ``.npz`` file, with NumPy's own reader (pickles refused)."""
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+class ArmedPickle:
+  """Unpickling this creates the file ``marker``: proof that code ran."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))

@@ -24,7 +24,7 @@ def test_train_writes_json_log_and_png(tmp_path):
   assert hist["eval_rounds"] == [0, 3, 6] and len(hist["train_loss"]) == 6
   assert hist["global_train_loss"][-1] < hist["global_train_loss"][0]
   assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "6/6 rounds" in r.stderr  # the progress bar
+  assert "6/6 [" in r.stderr and "local_loss=" in r.stderr  # the progress bar
 
 
 def test_demo_prints_a_comparison_table(tmp_path):
@@ -70,9 +70,9 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   publish = cli.maintainer_tool("model_card").publish
   run = tmp_path / "run"
   run.mkdir()
-  pretrained.save(run / "weights.npz", init_lagg_a(jax.random.PRNGKey(0), 8),
+  pretrained.save(run / "weights.safetensors", init_lagg_a(jax.random.PRNGKey(0), 8),
                   {"local_lr": 0.25, "command": "optax-localsgd meta-train ..."})
-  publish(run / "weights.npz", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
+  publish(run / "weights.safetensors", "lagg_a/fmnist_mlp_k8_h4", tmp_path / "bundle")
   monkeypatch.setattr(locate, "bundled_dirs", lambda: [tmp_path / "bundle"])
   label, kw, meta = [r for r in demo.runs() if r[1]["server"] == "lagg_a"][0]
   assert label == "LAgg-A (lagg_a/fmnist_mlp_k8_h4)" and kw["local_lr"] == 0.25
@@ -80,7 +80,7 @@ def test_demo_and_train_use_bundled_learned_weights(tmp_path, monkeypatch):
   # train: the bundled default for this task/K/H, and a clear error for another K.
   assert cli._learned_weights("lagg_a", "fmnist_mlp", 8, 4, None)[1] == "lagg_a/fmnist_mlp_k8_h4"
   with pytest.raises(ValueError, match="for K=8 workers, but you asked for K=4"):
-    cli._learned_weights("lagg_a", "fmnist_mlp", 4, 4, str(run / "weights.npz"))
+    cli._learned_weights("lagg_a", "fmnist_mlp", 4, 4, str(run / "weights.safetensors"))
 
 
 @pytest.mark.parametrize("args, msg", [

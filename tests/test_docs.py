@@ -112,10 +112,10 @@ def test_docs_build_with_the_other_set_of_cards_and_results(tmp_path):
     card_dir = copy / "pretrained" / "lopt_a"
     card_dir.mkdir(parents=True, exist_ok=True)
     (card_dir / "docs_test_card.png").write_bytes(_PNG)
-    (card_dir / "docs_test_card.npz").write_bytes(b"not a real weight file")
+    (card_dir / "docs_test_card.safetensors").write_bytes(b"not a real weight file")
     (card_dir / "docs_test_card.md").write_text(
         "# LOpt-A: throwaway card of tests/test_docs.py\n\n"
-        "Weights: [docs_test_card.npz](docs_test_card.npz); recipe: "
+        "Weights: [docs_test_card.safetensors](docs_test_card.safetensors); recipe: "
         "[meta-training](../../docs/meta.md).\n\n"
         "![meta-loss](docs_test_card.png)\n\n"
         "```bash\noptax-localsgd meta-train --optimizer lopt_a --task fmnist_mlp --out runs/x\n```\n")

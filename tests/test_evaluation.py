@@ -96,7 +96,7 @@ def test_sweep_and_evaluate_end_to_end_resume_from_cache(tmp_path, capsys):
   """Tiny real run: sweep two baselines, evaluate them with a learned optimizer, then rerun
   and check every run comes from the cache (same numbers, no retraining)."""
   hp = tmp_path / "hp.json"
-  weights = tmp_path / "lopt.npz"
+  weights = tmp_path / "lopt.safetensors"
   ol.pretrained.save(weights, ol.init_lopt_a(jax.random.PRNGKey(0)), {"local_lr": 0.2})
   common = ["-K", "2", "-H", "1", "-B", "8"]
   assert cli.main(["sweep", *common, "--rounds", "2", "--min-rounds", "1", "--eta", "2",

@@ -50,7 +50,7 @@ def example(name, *args, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def lopt_weights(tmp_path_factory):
   """A weight file of fresh LOpt-A meta-parameters (the test must not need bundled ones)."""
-  path = tmp_path_factory.mktemp("weights") / "lopt_a.npz"
+  path = tmp_path_factory.mktemp("weights") / "lopt_a.safetensors"
   ol.pretrained.save(path, ol.init_lopt_a(jax.random.PRNGKey(0)), {"made_by": __name__})
   return path
 
@@ -161,7 +161,7 @@ def load_example(name):
 
 def test_vit_errors_are_one_clear_line(tmp_path, imagenet_dir, capsys, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  lagg8 = tmp_path / "lagg_a_k8.npz"
+  lagg8 = tmp_path / "lagg_a_k8.safetensors"
   ol.pretrained.save(lagg8, ol.init_lagg_a(jax.random.PRNGKey(0), 8), {})
   main = load_example("vit_imagenet").main
   cases = [
@@ -172,8 +172,8 @@ def test_vit_errors_are_one_clear_line(tmp_path, imagenet_dir, capsys, monkeypat
        ["--resume: no checkpoint", "nothing_here"]),
       (["--data-dir", imagenet_dir, "--server", "lagg_a", "--weights", lagg8, "-K", "2"],
        ["K=8", "k=2"]),
-      (["--data-dir", imagenet_dir, "--weights", tmp_path / "missing.npz"],
-       ["missing.npz", "--untrained"]),
+      (["--data-dir", imagenet_dir, "--weights", tmp_path / "missing.safetensors"],
+       ["missing.safetensors", "--untrained"]),
   ]
   for args, needles in cases:
     assert main([str(a) for a in args]) == 2, args
@@ -196,9 +196,9 @@ def test_vit_defaults_to_the_bundled_imagenet_mlp_weights(server, tmp_path):
 
 
 def test_custom_loop_without_weights_says_what_to_do(tmp_path, capsys):
-  assert load_example("custom_loop").main(["--weights", str(tmp_path / "missing.npz")]) == 2
+  assert load_example("custom_loop").main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
   err = capsys.readouterr().err
-  assert "missing.npz" in err and "--untrained" in err
+  assert "missing.safetensors" in err and "--untrained" in err
 
 
 def test_compare_in_your_loop_runs_the_learned_and_tuned_servers(tmp_path, env, lopt_weights):

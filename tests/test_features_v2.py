@@ -157,7 +157,7 @@ def test_ada_v2_update_follows_the_scale_of_the_deltas(scale, ratio):
 
 def test_ada_v2_weights_round_trip_through_a_weight_file(tmp_path):
   meta = ol.init_lopt_a(jax.random.PRNGKey(2))
-  path = tmp_path / "w.npz"
+  path = tmp_path / "w.safetensors"
   ol.pretrained.save(path, meta, {"note": "test"})
   back = ol.pretrained.load(path)
   assert back.config.feature_set == V2

@@ -20,7 +20,7 @@ def test_gpu_recipe_writes_weights_within_its_time_budget_and_resumes(tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   summary = json.loads(first.stdout.strip().splitlines()[-1])
   assert summary["interrupted"] and summary["step"] == 1
-  info = pretrained.metadata(tmp_path / "lagg_a" / "weights.npz")["info"]
+  info = pretrained.metadata(tmp_path / "lagg_a" / "weights.safetensors")["info"]
   assert info["optimizer"] == "lagg_a" and info["outer_steps"] == 1
   assert info["outer_steps_planned"] == 5000 and info["pes"]["truncation"] == 2
   second = run("--resume")

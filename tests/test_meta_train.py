@@ -184,7 +184,8 @@ def test_time_budget_stops_with_a_checkpoint_and_partial_weights(tmp_path):
 def test_snapshots_keep_the_weights_along_the_way(tmp_path):
   res = meta_train(tiny(pes=dict(outer_steps=4)), tmp_path, progress=False, snapshot_every=2)
   snaps = sorted((tmp_path / "snapshots").iterdir())
-  assert [p.name for p in snaps] == ["weights_step000002.npz", "weights_step000004.npz"]
+  assert [p.name for p in snaps] == ["weights_step000002.safetensors",
+                                  "weights_step000004.safetensors"]
   assert pretrained.metadata(snaps[0])["info"]["outer_steps"] == 2
   for x, y in zip(_theta_leaves(snaps[1]), _theta_leaves(res["weights"])):  # the last = final
     np.testing.assert_array_equal(x, y)

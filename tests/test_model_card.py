@@ -4,10 +4,12 @@ publish is maintainer tooling (tools/model_card.py, outside the wheel): it runs 
 of the checkout, so every test here does too.
 """
 
+import json
 import pathlib
 
 import jax
 import pytest
+from conftest import bits, write_legacy_npz
 
 import optax_localsgd as ol
 from optax_localsgd import cli, pretrained
@@ -31,7 +33,7 @@ COMMAND = "optax-localsgd meta-train --optimizer lopt_a --task fmnist_mlp --out 
 def _run_dir(tmp_path, meta, **info):
   run = tmp_path / "run"
   run.mkdir()
-  ol.pretrained.save(run / "weights.npz", meta, {
+  ol.pretrained.save(run / "weights.safetensors", meta, {
       "command": COMMAND, "K": 8, "H": 4, "batch_size": 128, "local_lr": 0.3,
       "tasks": ["fmnist_mlp"], "outer_steps": 120, "outer_steps_planned": 300,
       "tasks_per_estimate": 4, "pes": {"truncation": 10, "min_inner": 50, "max_inner": 500},
@@ -62,18 +64,56 @@ def test_publish_writes_loadable_weights_manifest_and_card(tmp_path, monkeypatch
 def test_card_of_fine_tuned_weights_names_its_starting_point(tmp_path, model_card):
   run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(1)),
                  init_from="lopt_a/fmnist_mlp_k8_h4", init_from_sha256="ab" * 32)
-  card = model_card.publish(run / "weights.npz", "lopt_a/x", tmp_path / "root").read_text()
+  card = model_card.publish(run / "weights.safetensors", "lopt_a/x",
+                            tmp_path / "root").read_text()
   assert ("**Fine-tuned.** Meta-training started from `lopt_a/fmnist_mlp_k8_h4` (sha256 `"
           + "ab" * 32 + "`)") in card
 
 
+def test_publish_rewrites_an_older_runs_npz_as_safetensors(tmp_path, model_card):
+  meta = ol.init_lopt_a(jax.random.PRNGKey(4))
+  run = tmp_path / "old_run"
+  run.mkdir()
+  write_legacy_npz(run / "weights.npz", meta, {"command": COMMAND, "K": 8, "H": 4})
+  root = tmp_path / "root"
+  assert cli.main(["publish", str(run), "lopt_a/old", "--root", str(root)]) == 0
+  assert sorted(p.name for p in (root / "lopt_a").iterdir()) == ["old.md", "old.safetensors"]
+  new = pretrained.load(root / "lopt_a" / "old.safetensors")
+  assert all(bits(new.mlp[k]) == bits(meta.mlp[k]) for k in meta.mlp)
+  assert pretrained.metadata(root / "lopt_a" / "old.safetensors")["info"]["command"] == COMMAND
+
+
+def test_convert_legacy_moves_a_bundle_to_safetensors(tmp_path, model_card, monkeypatch):
+  root = tmp_path / "pretrained"
+  (root / "lopt_a").mkdir(parents=True)
+  base, tuned = ol.init_lopt_a(jax.random.PRNGKey(5)), ol.init_lopt_a(jax.random.PRNGKey(6))
+  base_sha = write_legacy_npz(root / "lopt_a" / "base.npz", base, {"K": 8, "H": 4})
+  tuned_sha = write_legacy_npz(root / "lopt_a" / "tuned.npz", tuned,
+                               {"K": 8, "H": 4, "init_from": "lopt_a/base",
+                                "init_from_sha256": base_sha})
+  (root / "MANIFEST.json").write_text(json.dumps(
+      {"lopt_a/base": {"sha256": base_sha}, "lopt_a/tuned": {"sha256": tuned_sha}}))
+  (root / "lopt_a" / "tuned.md").write_text(
+      f"- file sha256: `{tuned_sha}`\nstarted from `lopt_a/base` (sha256 `{base_sha}`)\n")
+  assert model_card.convert_legacy(root) == ["lopt_a/base", "lopt_a/tuned"]
+  assert not list(root.rglob("*.npz"))
+  monkeypatch.setattr(locate, "bundled_dirs", lambda: [root])
+  for name, meta in (("lopt_a/base", base), ("lopt_a/tuned", tuned)):
+    loaded = pretrained.load(name)  # the manifest has the new file's sha256
+    assert all(bits(loaded.mlp[k]) == bits(meta.mlp[k]) for k in meta.mlp)
+  card = (root / "lopt_a" / "tuned.md").read_text()
+  assert f"file sha256: `{pretrained.bundled_sha256('lopt_a/tuned')}`" in card
+  assert f"`{base_sha}` of its former `.npz` file" in card
+  assert pretrained.bundled_sha256("lopt_a/base") in card
+
+
 def test_publish_refuses_a_corrupt_file(tmp_path, model_card):
   run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(0)))
-  raw = bytearray((run / "weights.npz").read_bytes())
+  raw = bytearray((run / "weights.safetensors").read_bytes())
   raw[len(raw) // 2] ^= 0xFF
-  (run / "weights.npz").write_bytes(bytes(raw))
+  (run / "weights.safetensors").write_bytes(bytes(raw))
   with pytest.raises(ValueError):
-    model_card.publish(run / "weights.npz", "lopt_a/x", tmp_path / "root")
+    model_card.publish(run / "weights.safetensors", "lopt_a/x", tmp_path / "root")
   assert not (tmp_path / "root").exists()
 
 

@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from optax_localsgd import pretrained
 
 KIND_LABELS = {"lopt_a": "LOpt-A", "lagg_a": "LAgg-A"}
@@ -97,19 +99,13 @@ def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | N
 def publish(weights: pathlib.Path, name: str, root: pathlib.Path, *,
             curve: pathlib.Path | None = None, results: pathlib.Path | None = None,
             notes: str = "") -> pathlib.Path:
-  """Copies ``weights`` to ``root/name.npz``, records its sha256 in ``root/MANIFEST.json``
-  and writes the card ``root/name.md`` (plus the meta-loss PNG next to it). Returns the card."""
+  """Copies ``weights`` to ``root/name.safetensors`` (re-writing a legacy ``.npz`` as
+  safetensors, same arrays and metadata), records its sha256 in ``root/MANIFEST.json`` and
+  writes the card ``root/name.md`` (plus the meta-loss PNG next to it). Returns the card."""
   pretrained.load(weights)  # refuse a corrupt file before publishing it
   meta = pretrained.metadata(weights)
-  dest = root / f"{name}.npz"
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  if weights.resolve() != dest.resolve():
-    shutil.copyfile(weights, dest)
-  sha = pretrained.file_sha256(dest)
-  manifest_path = root / pretrained.MANIFEST
-  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-  manifest[name] = {"sha256": sha}
-  manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+  dest = _copy_as_safetensors(weights, root / f"{name}{pretrained.SUFFIX}")
+  sha = _record_sha256(root, name, dest)
   curve_name = None
   if curve is not None and curve.is_file():
     curve_dest = dest.with_name(dest.stem + "_meta_loss.png")
@@ -125,3 +121,67 @@ def publish(weights: pathlib.Path, name: str, root: pathlib.Path, *,
   card.write_text(card_text(name, meta, sha, curve=curve_name, results_md=results_md,
                             notes=notes))
   return card
+
+
+def _copy_as_safetensors(weights: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  if weights.suffix == pretrained.LEGACY_SUFFIX:
+    # The same arrays and JSON; only the container changes (arrays_sha256 stays).
+    pretrained.save(dest, pretrained.load(weights), pretrained.metadata(weights)["info"])
+  elif weights.resolve() != dest.resolve():
+    shutil.copyfile(weights, dest)
+  return dest
+
+
+def _record_sha256(root: pathlib.Path, name: str, path: pathlib.Path) -> str:
+  sha = pretrained.file_sha256(path)
+  manifest_path = root / pretrained.MANIFEST
+  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+  manifest[name] = {"sha256": sha}
+  manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+  return sha
+
+
+def convert_legacy(root: pathlib.Path) -> list[str]:
+  """Re-writes every bundled ``root/**/NAME.npz`` as ``NAME.safetensors`` and deletes the
+  ``.npz``: same arrays (checked bit for bit), same metadata, new sha256 in the manifest and
+  in the model cards. Returns the converted names.
+
+  A card also names the sha256 of the weights a fine-tuned run started from (its
+  ``init_from_sha256``, the ``.npz`` file of then); that stays, with the new file's sha256
+  added, since the weights' own metadata records the old one.
+  """
+  converted = {}
+  published = json.loads((root / pretrained.MANIFEST).read_text())
+  for old in sorted(root.rglob(f"*{pretrained.LEGACY_SUFFIX}")):
+    name = old.relative_to(root).with_suffix("").as_posix()
+    before = pretrained.load(old, expected_sha256=published[name]["sha256"])
+    new = _copy_as_safetensors(old, old.with_suffix(pretrained.SUFFIX))
+    after = pretrained.load(new)
+    for k in before.mlp:
+      assert np.asarray(after.mlp[k]).tobytes() == np.asarray(before.mlp[k]).tobytes(), k
+    assert (np.asarray(after.decay_offsets).tobytes()
+            == np.asarray(before.decay_offsets).tobytes())
+    assert pretrained.metadata(new)["info"] == pretrained.metadata(old)["info"]
+    converted[name] = (pretrained.file_sha256(old), _record_sha256(root, name, new))
+    old.unlink()
+  for card in sorted(root.rglob("*.md")):
+    text = card.read_text()
+    name = card.relative_to(root).with_suffix("").as_posix()
+    for other, (old_sha, new_sha) in converted.items():
+      if other == name:
+        text = text.replace(f"file sha256: `{old_sha}`", f"file sha256: `{new_sha}`")
+      else:
+        text = text.replace(f"`{old_sha}`", f"`{old_sha}` of its former `.npz` file; "
+                            f"`{new_sha}` as today's `{other}{pretrained.SUFFIX}`, the same "
+                            f"arrays")
+    card.write_text(text)
+  return sorted(converted)
+
+
+if __name__ == "__main__":
+  import sys
+  if sys.argv[1:2] != ["convert-legacy"] or len(sys.argv) != 3:
+    sys.exit("usage: python tools/model_card.py convert-legacy ROOT  (e.g. pretrained)")
+  for converted_name in convert_legacy(pathlib.Path(sys.argv[2])):
+    print(f"converted {converted_name}")

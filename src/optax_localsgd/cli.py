@@ -46,8 +46,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help="rounds between evaluations of the global model")
   p.add_argument("--weights", default=None,
                  help="lopt_a / lagg_a weights: a bundled name (optax_localsgd.pretrained."
-                 "available()), a .npz path or a meta-train --out directory; default: the "
-                 "bundled SERVER/TASK_kK_hH if it exists, else fresh, un-meta-trained weights")
+                 "available()), a .safetensors (or older .npz) path or a meta-train --out "
+                 "directory; default: the bundled SERVER/TASK_kK_hH if it exists, else fresh, "
+                 "un-meta-trained weights")
   p.add_argument("--devices", type=int, default=1,
                  help="spread the workers over this many devices (must divide K)")
   p.add_argument("--data-dir", default=None,
@@ -228,10 +229,11 @@ def maintainer_tool(name: str):
 
 
 def cmd_publish(args) -> int:
+  from optax_localsgd import pretrained
   model_card = maintainer_tool("model_card")
   run = pathlib.Path(args.run)
   card = model_card.publish(
-      run / "weights.npz", args.name, pathlib.Path(args.root), curve=run / "meta_loss.png",
+      pretrained.resolve(run), args.name, pathlib.Path(args.root), curve=run / "meta_loss.png",
       results=pathlib.Path(args.results) if args.results else None,
       notes=pathlib.Path(args.notes).read_text() if args.notes else "")
   print(f"wrote {card}")
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
       "meta-train", help="meta-train LOpt-A or LAgg-A with PES",
       description="Meta-train a learned server optimizer with persistent evolution strategies "
       "(paper Algorithm 2). Writes OUT/checkpoint.npz (every --checkpoint-every steps and on "
-      "Ctrl-C), OUT/log.json, OUT/meta_loss.png and, at the end, OUT/weights.npz.")
+      "Ctrl-C), OUT/log.json, OUT/meta_loss.png and, at the end, OUT/weights.safetensors.")
   m.add_argument("--optimizer", required=True, choices=("lopt_a", "lagg_a"))
   m.add_argument("--task", action="append", required=True, metavar="TASK",
                  help="task to meta-train on; repeat for a multi-task meta-batch")
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "seconds after the start (compilation included); with --export-partial the "
                  "weights are written too, e.g. to fit a device call of fixed length")
   m.add_argument("--export-partial", action="store_true",
-                 help="write OUT/weights.npz even when stopping early (with --resume "
+                 help="write OUT/weights.safetensors even when stopping early (with --resume "
                  "--stop-after 0: export the checkpoint as it is)")
   m.add_argument("--quiet", action="store_true")
   m.set_defaults(fn=cmd_meta_train)
@@ -370,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
   pub = sub.add_parser(
       "publish", help="ship a meta-training run's weights under pretrained/ with a model card "
       "(maintainer tooling: from the top of a source checkout)",
-      description="Copies RUN/weights.npz to ROOT/NAME.npz, records its sha256 in "
+      description="Copies RUN/weights.safetensors to ROOT/NAME.safetensors (converting an older "
+      "RUN/weights.npz), records its sha256 in "
       "ROOT/MANIFEST.json and writes the model card ROOT/NAME.md with RUN/meta_loss.png.")
   pub.add_argument("run", help="meta-training output directory")
   pub.add_argument("name", help="e.g. lopt_a/fmnist_mlp_k8_h4")

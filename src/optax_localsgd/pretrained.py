@@ -1,18 +1,19 @@
 """Weight files of the learned server optimizers: save, verify and load :class:`MetaParams`.
 
 This module is the API; the file format is :mod:`optax_localsgd.io.weights` and finding
-files is :mod:`optax_localsgd.io.locate`. A weight file is one ``.npz`` archive of float32
-arrays and a JSON header (format, config, info, arrays_sha256). Files are read with
-``np.load(..., allow_pickle=False)``, so a downloaded file can at worst be rejected, never
-execute code. Writes are atomic (temporary file in the same folder, fsync, ``os.replace``)
-and byte-for-byte reproducible: the same weights, config and info always give the same file
-and the same :func:`file_sha256`.
+files is :mod:`optax_localsgd.io.locate`. A weight file is one safetensors file of float32
+arrays and a JSON header (format, config, info, arrays_sha256); weight files written before
+safetensors, ``.npz`` archives of the same arrays, still load with identical numbers. Neither
+format can hold code, so a downloaded file can at worst be rejected, never execute any. Writes
+are atomic (temporary file in the same folder, fsync, ``os.replace``) and byte-for-byte
+reproducible: the same weights, config and info always give the same file and the same
+:func:`file_sha256`.
 
 Bundled weights are package data (the top-level ``pretrained/`` folder of the source tree,
 installed as ``optax_localsgd/_pretrained``) and are named by their relative path
-without ``.npz``, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`). :func:`load`
+without the suffix, e.g. ``"lopt_a/fmnist_mlp_k8_h4"`` (see :func:`available`). :func:`load`
 also takes the output directory of ``optax-localsgd meta-train --out DIR`` and reads
-``DIR/weights.npz``.
+``DIR/weights.safetensors`` (or, from an older run, ``DIR/weights.npz``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any
 
 from optax_localsgd.errors import UsageError
 from optax_localsgd.io import locate, weights
-from optax_localsgd.io.locate import MANIFEST, RUN_WEIGHTS
-from optax_localsgd.io.npz import PathLike
-from optax_localsgd.io.weights import ARRAY_NAMES, FORMAT, FORMAT_VERSION, MLP_NAMES
+from optax_localsgd.io.locate import LEGACY_RUN_WEIGHTS, MANIFEST, RUN_WEIGHTS
+from optax_localsgd.io.atomic import PathLike
+from optax_localsgd.io.weights import (ARRAY_NAMES, FORMAT, FORMAT_VERSION, LEGACY_SUFFIX,
+                                       MLP_NAMES, SUFFIX)
 from optax_localsgd.transforms.learned.params import MetaParams
 
 __all__ = [
-    "ARRAY_NAMES", "FORMAT", "FORMAT_VERSION", "MANIFEST", "MLP_NAMES", "RUN_WEIGHTS",
+    "ARRAY_NAMES", "FORMAT", "FORMAT_VERSION", "LEGACY_RUN_WEIGHTS", "LEGACY_SUFFIX",
+    "MANIFEST", "MLP_NAMES", "RUN_WEIGHTS", "SUFFIX",
     "available", "bundled_sha256", "default_name", "file_sha256", "load", "metadata",
     "resolve", "save",
 ]
@@ -39,7 +42,7 @@ def available() -> list[str]:
   """Names of the bundled weight files, sorted, e.g. ``["lopt_a/fmnist_mlp_k8_h4"]``.
 
   A name is the file's path relative to the bundled folder, with ``/`` separators and without
-  ``.npz``. Returns ``[]`` when no weights are bundled.
+  the suffix. Returns ``[]`` when no weights are bundled.
   """
   return locate.available()
 
@@ -52,8 +55,9 @@ def default_name(method: str, task: str, k: int, h: int) -> str | None:
 
 
 def resolve(path_or_name: PathLike) -> pathlib.Path:
-  """The weight file behind a bundled name (see :func:`available`), a path to a ``.npz``
-  file, or a run directory holding ``weights.npz``; :class:`UsageError` if there is none."""
+  """The weight file behind a bundled name (see :func:`available`), a path to a
+  ``.safetensors`` (or legacy ``.npz``) file, or a run directory holding
+  ``weights.safetensors`` (or ``weights.npz``); :class:`UsageError` if there is none."""
   return locate.locate(path_or_name)[0]
 
 
@@ -72,10 +76,11 @@ def file_sha256(path: PathLike) -> str:
 
 
 def save(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
-  """Writes ``meta`` and ``info`` to one ``.npz`` weight file, atomically.
+  """Writes ``meta`` and ``info`` to one safetensors weight file, atomically.
 
   Args:
-    path: destination; must end in ``.npz``. The folder must exist; an existing file is
+    path: destination; must end in ``.safetensors`` (``.npz`` weight files are read, no
+      longer written). The folder must exist; an existing file is
       replaced atomically.
     meta: LOpt-A or LAgg-A meta-parameters. Floating arrays are stored as float32 (exact for
       float32 inputs); their shapes must match ``meta.config``.
@@ -98,7 +103,7 @@ def save(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
     >>> from optax_localsgd import init_lopt_a, pretrained
     >>> meta = init_lopt_a(jax.random.PRNGKey(0))
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...   path = pathlib.Path(tmp) / "weights.npz"
+    ...   path = pathlib.Path(tmp) / "weights.safetensors"
     ...   sha = pretrained.save(path, meta, {"note": "fresh weights"})
     ...   loaded = pretrained.load(path, expected_sha256=sha)
     ...   info = pretrained.metadata(path)["info"]
@@ -115,7 +120,7 @@ def save(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
 def metadata(path_or_name: PathLike) -> dict:
   """The JSON metadata of a weight file (format, config, info, arrays_sha256).
 
-  Reads only the ``__metadata__`` entry and checks the format tag and version; the arrays are
+  Reads only the file's JSON header and checks the format tag and version; the arrays are
   neither loaded nor verified (use :func:`load` for that).
 
   Args:
@@ -133,8 +138,9 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
 
   Args:
     path_or_name: a bundled name such as ``"lopt_a/fmnist_mlp_k8_h4"`` (see
-      :func:`available`); a weight file (``pathlib.Path``, or a ``str`` ending in ``.npz``);
-      or a run directory holding ``weights.npz``, as ``meta-train --out DIR`` leaves it
+      :func:`available`); a weight file (``pathlib.Path``, or a ``str`` ending in
+      ``.safetensors`` or, for a legacy file, ``.npz``); or a run directory holding
+      ``weights.safetensors`` (or ``weights.npz``), as ``meta-train --out DIR`` leaves it
       (a bundled name wins over a folder of the same name).
     expected_sha256: hex sha256 of the whole file as published; checked before anything in
       the file is parsed. Bundled names are always checked against ``MANIFEST.json``.
@@ -145,7 +151,7 @@ def load(path_or_name: PathLike, *, expected_sha256: str | None = None,
 
   Raises:
     UsageError: (a ``ValueError``) naming the file and the problem: unknown name, a
-      directory without ``weights.npz``, unreadable / not an npz / pickled content, missing
+      directory without weights, unreadable / not safetensors (or npz) / pickled content, missing
       metadata, wrong format tag or version, missing or extra arrays, shapes or dtypes that
       do not match the config, ``arrays_sha256`` mismatch (corrupt or modified), whole-file
       sha256 different from ``expected_sha256`` or from the manifest, or LAgg-A weights for

@@ -1,7 +1,8 @@
 """Reproducible, atomic, pickle-free ``.npz`` archives with a JSON metadata member.
 
-The file layer under weight files (:mod:`optax_localsgd.pretrained`) and meta-training
-checkpoints (:mod:`optax_localsgd.io.checkpoint`): arrays stored little-endian and
+The file layer under meta-training checkpoints (:mod:`optax_localsgd.io.checkpoint`) and
+under the weight files written before they moved to safetensors (still read, see
+:mod:`optax_localsgd.io.weights`): arrays stored little-endian and
 uncompressed with a fixed timestamp (same input, same bytes), written through a temporary
 file, fsync and ``os.replace``, read with ``allow_pickle=False``, and hashed per array.
 """
@@ -11,18 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-METADATA_KEY = "__metadata__"
+from optax_localsgd.io.atomic import PathLike, atomic_write
 
-PathLike = Union[str, "os.PathLike[str]"]
+METADATA_KEY = "__metadata__"
 
 # Fixed ZIP member timestamp (the earliest ZIP can store), so files are reproducible.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -59,58 +58,23 @@ def metadata_array(metadata: Mapping[str, Any]) -> np.ndarray:
 
 
 def write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> str:
-  """Writes ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically.
+  """Writes ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically
+  (:func:`~optax_localsgd.io.atomic.atomic_write`).
 
-  The archive goes to a temporary file in the destination folder, is fsync'ed and then
-  ``os.replace``'d over ``path``, so a reader sees either the old file or the complete new one.
   Members are written in the given order with a fixed timestamp (reproducible bytes).
 
   Returns:
     The hex sha256 of the written file.
   """
-  path = pathlib.Path(path)
-  directory = path.parent if str(path.parent) else pathlib.Path(".")
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w+b") as f:
-      with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-          info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
-          info.external_attr = 0o644 << 16
-          with zf.open(info, "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
-      f.flush()
-      os.fsync(f.fileno())
-      f.seek(0)
-      digest = sha256_of_stream(f)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-  fsync_dir(directory)
-  return digest
+  def write(f):
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+      for name, arr in arrays.items():
+        info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+        info.external_attr = 0o644 << 16
+        with zf.open(info, "w", force_zip64=True) as member:
+          np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
 
-
-def fsync_dir(directory: pathlib.Path) -> None:
-  """Best-effort fsync of a folder so the rename itself survives a crash (POSIX only)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def sha256_of_stream(f) -> str:
-  h = hashlib.sha256()
-  for chunk in iter(lambda: f.read(1 << 20), b""):
-    h.update(chunk)
-  return h.hexdigest()
+  return atomic_write(path, write)
 
 
 @contextlib.contextmanager

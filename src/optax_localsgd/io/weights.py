@@ -1,38 +1,48 @@
 """The weight-file format of the learned server optimizers (:mod:`optax_localsgd.pretrained` is
 the API on top).
 
-A weight file is one ``.npz`` archive (a ZIP of ``.npy`` arrays, no compression) with
+A weight file is one `safetensors <https://huggingface.co/docs/safetensors>`_ file (any
+safetensors reader opens it) with
 
-* ``mlp/w0, mlp/b0, mlp/w1, mlp/b1, mlp/w2, mlp/b2`` and ``decay_offsets``: float32,
-  little-endian, with the shapes that the stored config implies;
-* ``__metadata__``: a 1-D uint8 array holding UTF-8 JSON::
+* the tensors ``mlp/w0, mlp/b0, mlp/w1, mlp/b1, mlp/w2, mlp/b2`` and ``decay_offsets``:
+  float32, with the shapes that the stored config implies;
+* one string-metadata entry, ``"optax_localsgd"``, holding UTF-8 JSON (safetensors metadata
+  is a ``dict[str, str]``)::
 
     {"format": "optax-localsgd-weights", "format_version": 1,
      "config": LearnedOptimizerConfig.to_dict(), "info": {...free-form, from the trainer...},
      "arrays_sha256": "<hex>"}
 
-``arrays_sha256`` covers every array (not the metadata), in name order; see
-:func:`optax_localsgd.io.npz.arrays_sha256`. Files are read with
-``np.load(..., allow_pickle=False)``, so a downloaded file can at worst be rejected, never
-execute code. Writes are atomic (temporary file in the same folder, fsync, ``os.replace``)
-and byte-for-byte reproducible: the same weights, config and info always give the same file
-and the same :func:`file_sha256`.
+``arrays_sha256`` covers every tensor (not the metadata), in name order; see
+:func:`optax_localsgd.io.npz.arrays_sha256`. safetensors holds only raw numbers and a JSON
+header, so a downloaded file can at worst be rejected, never execute code. Writes are atomic
+(:func:`~optax_localsgd.io.atomic.atomic_write`) and byte-for-byte reproducible: the same
+weights, config and info always give the same file and the same :func:`file_sha256`.
+
+**Legacy ``.npz`` files.** Weight files written before the move to safetensors (during 0.1.0)
+are ``.npz`` archives (uncompressed ZIP of ``.npy`` arrays) of the same arrays, with the same
+JSON in a 1-D uint8 member ``__metadata__``. They are still read, with identical numbers and
+the same checks (``np.load(..., allow_pickle=False)``: no pickles), but no longer written; the
+JSON is the same, so ``format_version`` stays 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from optax_localsgd.errors import UsageError
-from optax_localsgd.io.npz import (METADATA_KEY, PathLike, arrays_sha256, little_endian,
-                                   metadata_array, open_npz, read_member, sha256_of_stream,
-                                   write_npz_atomic)
+from optax_localsgd.io.atomic import PathLike, atomic_write, sha256_of_stream
+from optax_localsgd.io.npz import (METADATA_KEY, arrays_sha256, little_endian, open_npz,
+                                   read_member)
 from optax_localsgd.io.npz import read_metadata as read_metadata_member
 from optax_localsgd.transforms.learned import features
 from optax_localsgd.transforms.learned.params import (SIGN_CONVENTION, LearnedOptimizerConfig,
@@ -42,6 +52,10 @@ FORMAT = "optax-localsgd-weights"
 FORMAT_VERSION = 1
 MLP_NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 ARRAY_NAMES = tuple(f"mlp/{n}" for n in MLP_NAMES) + ("decay_offsets",)
+SUFFIX = ".safetensors"  # what is written
+LEGACY_SUFFIX = ".npz"  # still read
+# The one safetensors metadata key; one key also keeps the header's bytes in a fixed order.
+HEADER_KEY = "optax_localsgd"
 
 
 def file_sha256(path: PathLike) -> str:
@@ -56,8 +70,12 @@ def write(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
   The checks and errors are those of :func:`optax_localsgd.pretrained.save`.
   """
   path = pathlib.Path(path)
-  if path.suffix != ".npz":
-    raise ValueError(f"Weight files must end in '.npz', got {path}.")
+  if path.suffix == LEGACY_SUFFIX:
+    raise ValueError(f"Weight files are written as safetensors now: use "
+                     f"{path.with_suffix(SUFFIX)} instead of {path} (.npz weight files are "
+                     f"still read).")
+  if path.suffix != SUFFIX:
+    raise ValueError(f"Weight files must end in {SUFFIX!r}, got {path}.")
   if not isinstance(meta, MetaParams):
     raise ValueError(f"save expects MetaParams, got {type(meta).__name__}.")
   if not isinstance(info, Mapping):
@@ -85,11 +103,12 @@ def write(path: PathLike, meta: MetaParams, info: Mapping[str, Any]) -> str:
       "arrays_sha256": arrays_sha256(arrays),
   }
   try:
-    arrays[METADATA_KEY] = metadata_array(metadata)
+    text = json.dumps(metadata, sort_keys=True, allow_nan=False, ensure_ascii=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f"info must be strict JSON (str keys; no NaN/inf; lists, dicts, str, "
                      f"numbers, bools, None): {e}") from e
-  return write_npz_atomic(path, arrays)
+  data = safetensors.numpy.save(arrays, metadata={HEADER_KEY: text})
+  return atomic_write(path, lambda f: f.write(data))
 
 
 def _expected_shapes(cfg: LearnedOptimizerConfig) -> dict[str, tuple[int, ...]]:
@@ -136,28 +155,71 @@ def _config_from_json(config: Any, path: pathlib.Path) -> LearnedOptimizerConfig
   return cfg
 
 
-def read_metadata(path: pathlib.Path) -> dict:
-  """The checked JSON metadata of the weight file at ``path``; the arrays are not read."""
-  with open_npz(path, "Weight file", UsageError) as npz:
-    meta = read_metadata_member(npz, path, "Weight file", UsageError)
-  _check_header(meta, path)
-  return meta
+def _open_safetensors(path: pathlib.Path, with_arrays: bool) -> tuple[dict, set, dict]:
+  """(the JSON metadata, the tensor names, {name: array} for the names of :data:`ARRAY_NAMES`
+  present, read only if ``with_arrays``) of a safetensors weight file."""
+  try:
+    with safetensors.safe_open(str(path), framework="np") as f:
+      header = f.metadata() or {}
+      names = set(f.keys())
+      arrays = ({n: f.get_tensor(n) for n in ARRAY_NAMES if n in names} if with_arrays
+                else {})
+  except FileNotFoundError:
+    raise
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+    raise UsageError(f"Weight file {path} is not a readable safetensors file (corrupt, "
+                     f"truncated or another format): {e}") from e
+  if HEADER_KEY not in header:
+    raise UsageError(f"Weight file {path} has no {HEADER_KEY!r} metadata entry; it was not "
+                     f"written by optax-localsgd (or was re-saved without it).")
+  try:
+    meta = json.loads(header[HEADER_KEY])
+  except json.JSONDecodeError as e:
+    raise UsageError(f"Weight file {path}: metadata {HEADER_KEY!r} is not valid JSON: "
+                     f"{e}") from e
+  if not isinstance(meta, dict):
+    raise UsageError(f"Weight file {path}: metadata {HEADER_KEY!r} must be a JSON object, "
+                     f"got {type(meta).__name__}.")
+  return meta, names, arrays
 
 
-def read(path: pathlib.Path, num_workers: int | None = None) -> MetaParams:
-  """Reads and verifies the weight file at ``path`` (format, config, arrays, their hash and,
-  for LAgg-A, ``num_workers``); :class:`UsageError` naming the file and the problem."""
+def _open_npz_legacy(path: pathlib.Path, with_arrays: bool) -> tuple[dict, set, dict]:
+  """The same for a legacy ``.npz`` weight file (members other than the weights not read)."""
   with open_npz(path, "Weight file", UsageError) as npz:
     meta = read_metadata_member(npz, path, "Weight file", UsageError)
-    _check_header(meta, path)
-    cfg = _config_from_json(meta.get("config"), path)
     names = set(npz.files) - {METADATA_KEY}
+    arrays = ({n: read_member(npz, n, path, "Weight file", UsageError)
+               for n in ARRAY_NAMES if n in names} if with_arrays else {})
+  return meta, names, arrays
+
+
+def _open(path: pathlib.Path, with_arrays: bool) -> tuple[dict, dict]:
+  """(checked metadata, the weight arrays) of a weight file; the container is told by suffix."""
+  opener = _open_npz_legacy if path.suffix == LEGACY_SUFFIX else _open_safetensors
+  meta, names, arrays = opener(path, with_arrays)
+  _check_header(meta, path)
+  if with_arrays:
     missing = sorted(set(ARRAY_NAMES) - names)
     extra = sorted(names - set(ARRAY_NAMES))
     if missing or extra:
       raise UsageError(f"Weight file {path} has the wrong arrays: missing {missing}, "
                        f"unexpected {extra}.")
-    arrays = {n: read_member(npz, n, path, "Weight file", UsageError) for n in ARRAY_NAMES}
+  return meta, arrays
+
+
+def read_metadata(path: pathlib.Path) -> dict:
+  """The checked JSON metadata of the weight file at ``path``; the arrays are not read."""
+  return _open(path, with_arrays=False)[0]
+
+
+def read(path: pathlib.Path, num_workers: int | None = None) -> MetaParams:
+  """Reads and verifies the weight file at ``path`` (format, config, arrays, their hash and,
+  for LAgg-A, ``num_workers``); :class:`UsageError` naming the file and the problem.
+
+  ``path`` is a safetensors file, or a legacy ``.npz`` one if its name ends in ``.npz``.
+  """
+  meta, arrays = _open(path, with_arrays=True)
+  cfg = _config_from_json(meta.get("config"), path)
   for name, shape in _expected_shapes(cfg).items():
     arr = arrays[name]
     if arr.shape != shape:

@@ -5,7 +5,8 @@
 * ``checkpoint.npz`` every ``checkpoint_every`` outer steps and on SIGINT/SIGTERM (atomic);
 * ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts;
 * ``meta_loss.png``: the meta-loss curve;
-* ``weights.npz``: the meta-trained optimizer with its metadata (``pretrained.load`` reads it).
+* ``weights.safetensors``: the meta-trained optimizer with its metadata (``pretrained.load``
+  reads it).
 
 With ``resume=True`` it continues from ``checkpoint.npz`` exactly where it stopped.
 """
@@ -187,13 +188,13 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
     stop_after: stop (with a checkpoint) after this many outer steps in this call, as an
       interruption would; ``None`` runs to ``cfg.pes.outer_steps``; 0 runs none (with
       ``resume`` and ``export_partial``: export the checkpoint as it is).
-    export_partial: also write ``weights.npz`` when stopping before ``cfg.pes.outer_steps``;
+    export_partial: also write ``weights.safetensors`` when stopping before ``cfg.pes.outer_steps``;
       its metadata then records the steps done and the steps the schedule planned.
     time_budget_s: stop (with a checkpoint) after the first outer step that ends this many
       seconds after the call started (compilation included), e.g. to fit a device call of
       fixed length; ``None``: no limit.
     snapshot_every: also keep the weights every this many outer steps, as
-      ``out_dir/snapshots/weights_step{N:06d}.npz``, so that a long run's history can be
+      ``out_dir/snapshots/weights_step{N:06d}.safetensors``, so that a long run's history can be
       evaluated afterwards (PES runs can get worse as well as better); ``None``: none.
 
   Returns:
@@ -218,8 +219,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   outer_step = _jitted_outer_step(groups, cfg.pes)
   start = int(state.step)
   total = cfg.pes.outer_steps
-  bar = Progress(total, desc=f"meta-train {cfg.optimizer}", enabled=progress, unit="steps")
-  bar.n = start
+  bar = Progress(total, desc=f"meta-train {cfg.optimizer}", enabled=progress, unit="steps",
+                 initial=start)
 
   def save():
     ckpt.save_checkpoint(ck_path, state, {"config": cfg.identity(), "log": log})
@@ -251,7 +252,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
                       (time_budget_s is not None and now - t_start >= time_budget_s))
       if snapshot_every and step % snapshot_every == 0:
         (out / "snapshots").mkdir(exist_ok=True)
-        _export(out / "snapshots" / f"weights_step{step:06d}.npz", state, cfg, log, command)
+        _export(out / "snapshots" / f"weights_step{step:06d}{pretrained.SUFFIX}", state, cfg,
+                log, command)
       if step % cfg.checkpoint_every == 0 or stop.signum is not None or reached_stop:
         save()
       if stop.signum is not None or reached_stop:
@@ -266,7 +268,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   _plot(log, out / "meta_loss.png", cfg)
   weights = None
   if int(state.step) >= total or export_partial:
-    weights = _export(out / "weights.npz", state, cfg, log, command)
+    weights = _export(out / pretrained.RUN_WEIGHTS, state, cfg, log, command)
   return {"log": log, "weights": weights, "step": int(state.step), "interrupted": interrupted}
 
 
