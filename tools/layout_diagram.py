@@ -80,13 +80,13 @@ def main() -> None:
   arrow(ax, (0.55 + W / 2, 0.74 - 0.004), (xs[4] + W / 2, y + H + 0.006), colour="#b07a1a")
 
   # Bottom: files and small helpers, shared by the rooms above.
-  box(ax, 0.27, 0.12, "io/", "npz archives, checkpoints,\nthe weight format,\nlocate weights",
+  box(ax, 0.27, 0.12, "io/", "safetensors weights,\nnpz checkpoints,\nlocate weights",
       "#eeeeee", h=0.16)
   box(ax, 0.06, 0.12, "pretrained.py", "the weights API:\nload, save, available,\nmetadata",
       "#cfe8d4", h=0.16)
   box(ax, 0.48, 0.12, "_pretrained", "package data = the\ntop-level pretrained/\n(weights, cards)",
       "#eeeeee", h=0.16)
-  box(ax, 0.69, 0.12, "util/", "progress lines, Ctrl-C,\nheadless matplotlib", "#eeeeee",
+  box(ax, 0.69, 0.12, "util/", "tqdm progress, Ctrl-C,\ndetached figures", "#eeeeee",
       h=0.16)
   arrow(ax, (0.06 + W + 0.004, 0.20), (0.27 - 0.004, 0.20), colour="#555")
   arrow(ax, (0.27 + W + 0.004, 0.20), (0.48 - 0.004, 0.20), colour="#555")
