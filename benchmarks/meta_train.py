@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
 
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from optax_localsgd.meta import problem
   from optax_localsgd.meta.train import MetaTrainConfig, _setup
 
@@ -73,8 +74,11 @@ def main(argv=None) -> dict:
   jax.block_until_ready(outer(state, datas))
   compile_pes = time.perf_counter() - t0
   t0 = time.perf_counter()
-  jax.block_until_ready(bare(state.theta, state.groups[0]))
+  # The first bare unroll starts from the initial meta-parameters, the same in every run with
+  # the same settings: its losses tell whether a cheaper compute dtype changes what PES sees.
+  _, _, init_losses = jax.block_until_ready(bare(state.theta, state.groups[0]))
   compile_bare = time.perf_counter() - t0
+  init_losses = np.asarray(init_losses, np.float64).ravel()  # one mean loss per particle
   print(f"compiled: PES {compile_pes:.1f}s, bare {compile_bare:.1f}s", file=sys.stderr)
 
   flops = _inner_matmul_flops(group.task, args.batch_size, args.workers, args.local_steps) * (
@@ -103,6 +107,8 @@ def main(argv=None) -> dict:
       "achieved_gflops": flops / 1e9 / pes_s, "matmul_peak_gflops": peak,
       "share_of_f32_peak": flops / 1e9 / pes_s / peak["float32"],
       "share_of_bf16_peak": flops / 1e9 / pes_s / peak["bfloat16"],
+      "unroll_loss_at_init": float(init_losses.mean()),
+      "unroll_loss_at_init_se": float(init_losses.std(ddof=1) / np.sqrt(init_losses.size)),
       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind,
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -126,7 +132,11 @@ def main(argv=None) -> dict:
       f"{flops / 1e9 / pes_s:.0f} GFLOP/s achieved. Matmul peak measured in this run ((16, 1024, 784) @ (784, 128)): "
       f"{peak['float32']:.0f} GFLOP/s in float32, {peak['bfloat16']:.0f} in bfloat16; the "
       f"outer step reaches {100 * result['share_of_f32_peak']:.0f}% of the float32 peak and "
-      f"{100 * result['share_of_bf16_peak']:.0f}% of the bfloat16 one."]) + "\n"
+      f"{100 * result['share_of_bf16_peak']:.0f}% of the bfloat16 one.", "",
+      f"Mean loss of the {init_losses.size} particles' first unroll from the initial "
+      f"meta-parameters (same in every run of these settings; compare across compute dtypes): "
+      f"{result['unroll_loss_at_init']:.4f} ± {result['unroll_loss_at_init_se']:.4f} "
+      "(standard error over particles)."]) + "\n"
   (out / f"{stem}.md").write_text(md)
   print(md)
   return result
