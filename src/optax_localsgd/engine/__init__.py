@@ -16,8 +16,8 @@ from optax_localsgd.engine.round import (WORKER_AXIS, CompressedState, DeviceDat
                                          make_round_fn, replicate, worker_mesh)
 
 __all__ = [
-    "EVAL_SUBSET_SEED", "BatchFn", "CompressedState", "DeviceData", "LossFn", "RoundConfig", "WORKER_AXIS",
-    "batch_fn_for", "classification_batch", "eval_batches", "init_round_state", "make_data_parallel_round_fn",
-    "make_lm_batch", "make_multi_round_fn", "make_round_fn", "replicate", "sample_indices",
-    "worker_mesh",
+    "EVAL_SUBSET_SEED", "BatchFn", "CompressedState", "DeviceData", "LossFn", "RoundConfig",
+    "WORKER_AXIS", "batch_fn_for", "classification_batch", "eval_batches", "init_round_state",
+    "make_data_parallel_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
+    "replicate", "sample_indices", "worker_mesh",
 ]
