@@ -22,6 +22,7 @@ def main():
   ap.add_argument("--process-id", type=int, default=0)
   ap.add_argument("--local-devices", type=int, default=None)
   ap.add_argument("--port", type=int, default=0)
+  ap.add_argument("--compress", default=None, help="a compression spec for every worker")
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
 
@@ -33,7 +34,7 @@ def main():
   import jax.numpy as jnp
   import optax
   import optax_localsgd as ol
-  from optax_localsgd import engine
+  from optax_localsgd import compression, engine
 
   rng = np.random.default_rng(0)
   x = rng.normal(size=(512, 6)).astype(np.float32)
@@ -62,8 +63,9 @@ def main():
   results = {"n_devices": len(jax.devices())}
   for name in args.servers.split(","):
     server, per_worker = servers[name]
-    cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker)
-    p, state = params, server.init(params)
+    cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker,
+                             compression=compression.from_spec(args.compress))
+    p, state = params, engine.init_round_state(server, cfg, params)
     if mesh is not None:
       p, state = engine.replicate((p, state), mesh)
     round_fn = jax.jit(engine.make_round_fn(loss, engine.classification_batch,
@@ -74,6 +76,10 @@ def main():
       losses.append(float(m["train_loss"]))
     results[f"{name}/losses"] = np.asarray(losses)
     results.update({f"{name}/{k}": np.asarray(jax.device_get(v)) for k, v in p.items()})
+    results[f"{name}/bits"] = float(m["bits"])
+    if args.compress:  # the workers' compressor states, gathered from their devices
+      for i, leaf in enumerate(jax.tree.leaves(state.workers)):
+        results[f"{name}/workers{i}"] = np.asarray(jax.device_get(leaf))
   if args.process_id == 0:
     np.savez(args.out, **results)
 

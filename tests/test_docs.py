@@ -26,6 +26,7 @@ EXAMPLES = {
     "optax_localsgd.transforms.learned.features": ("num_features", "factor_spec"),
     "optax_localsgd.transforms.baselines": ("diloco", "fedadam"),
     "optax_localsgd.engine.round": ("make_round_fn",),
+    "optax_localsgd.compression.transforms": ("top_k", "quantize"),
     "optax_localsgd.pretrained": ("save",),
 }
 

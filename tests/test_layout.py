@@ -11,15 +11,17 @@ PKG = ROOT / "src" / "optax_localsgd"
 
 # Each room may import only the rooms listed for it (and the top-level errors/_version).
 # data -> tasks -> engine -> transforms -> meta: the data flows one way; the harness and the
-# CLI sit on top. ``pretrained`` (the weights API) is library level.
+# CLI sit on top. ``pretrained`` (the weights API) is library level; ``compression`` (what a
+# worker does to its delta) is library level too, below the engine that applies it.
 ALLOWED = {
     "data": set(),
     "tasks": {"data"},
     "transforms": set(),
+    "compression": set(),
     "io": {"transforms"},
     "pretrained": {"io", "transforms"},
-    "engine": {"tasks", "data"},
-    "meta": {"engine", "tasks", "data", "transforms", "io", "pretrained", "util"},
+    "engine": {"tasks", "data", "compression"},
+    "meta": {"engine", "tasks", "data", "transforms", "compression", "io", "pretrained", "util"},
     "util": set(),
 }
 BASE = {"errors", "_version"}
@@ -41,7 +43,8 @@ def _imports(path: pathlib.Path) -> set[str]:
       continue
     for m in mods:
       if m.startswith("optax_localsgd.") and (m.count(".") == 1 or m.startswith(
-          ("optax_localsgd.transforms", "optax_localsgd.io", "optax_localsgd.meta"))):
+          ("optax_localsgd.transforms", "optax_localsgd.io", "optax_localsgd.meta",
+           "optax_localsgd.compression"))):
         out.add(_room(m))
   return out
 

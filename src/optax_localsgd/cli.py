@@ -9,7 +9,7 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from optax_localsgd import tasks
+from optax_localsgd import compression, tasks
 from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
 from optax_localsgd.errors import UsageError
 from optax_localsgd.harness import servers
@@ -17,6 +17,13 @@ from optax_localsgd.harness import servers
 # Relative to the current folder, not the source tree: it must work from an installed package.
 # The file the package ships (sweep.tuned_hparams) is updated only by passing its path.
 SWEEP_OUT = "runs/sweep/tuned_hparams.json"
+
+
+def _add_compress_arg(p: argparse.ArgumentParser) -> None:
+  # Parsed by the configs (compression.from_spec), so a bad spec is one UsageError line.
+  p.add_argument("--compress", default=None, metavar="SPEC",
+                 help=f"workers compress their deltas before sending them: "
+                 f"{compression.SPEC_HELP}; default: uncompressed (docs/compression.md)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +61,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", default=None,
                  help="dataset directory (default: $OPTAX_LOCALSGD_DATA, the user cache, "
                  "/usr/share/datasets)")
+  _add_compress_arg(p)
 
 
 def _config(args):
@@ -63,7 +71,7 @@ def _config(args):
       batch_size=args.batch_size, rounds=args.rounds, seed=args.seed, local_lr=args.local_lr,
       server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm,
       weight_decay=args.weight_decay, eval_every=args.eval_every, devices=args.devices,
-      data_dir=args.data_dir)
+      data_dir=args.data_dir, compress=args.compress)
 
 
 def _save_plot(draw: Callable[[pathlib.Path], None], path: pathlib.Path) -> bool:
@@ -134,7 +142,8 @@ def cmd_meta_train(args) -> int:
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
       checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from,
-      feature_set=args.feature_set, output_init_scale=args.output_init_scale)
+      feature_set=args.feature_set, output_init_scale=args.output_init_scale,
+      compress=args.compress)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial,
@@ -174,7 +183,7 @@ def cmd_evaluate(args) -> int:
       batch_size=args.batch_size, rounds=args.rounds, seeds=_parse_seeds(args.seeds),
       methods=methods, weights=tuple(sorted(weights.items())), target_loss=args.target_loss,
       eval_every=args.eval_every, eval_dense_until=args.eval_dense_until,
-      data_dir=args.data_dir)
+      data_dir=args.data_dir, compress=args.compress)
   own_key = sweep.SweepConfig(args.task, args.workers, args.local_steps, args.batch_size).key()
   key = args.hparams_key or own_key
   hparams = sweep.tuned_hparams(key, pathlib.Path(args.hparams) if args.hparams else None)
@@ -327,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--export-partial", action="store_true",
                  help="write OUT/weights.safetensors even when stopping early (with --resume "
                  "--stop-after 0: export the checkpoint as it is)")
+  _add_compress_arg(m)
   m.add_argument("--quiet", action="store_true")
   m.set_defaults(fn=cmd_meta_train)
   e = sub.add_parser(
@@ -353,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--name", default=None, help="output name (default TASK_kK_hH)")
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
+  _add_compress_arg(e)
   e.set_defaults(fn=cmd_evaluate)
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",

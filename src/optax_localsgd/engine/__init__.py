@@ -10,13 +10,14 @@ Everything is re-exported here: ``from optax_localsgd import engine; engine.make
 from optax_localsgd.engine.batches import (EVAL_SUBSET_SEED, BatchFn, batch_fn_for,
                                            classification_batch, eval_batches, make_lm_batch,
                                            sample_indices)
-from optax_localsgd.engine.round import (WORKER_AXIS, DeviceData, LossFn, RoundConfig,
+from optax_localsgd.engine.round import (WORKER_AXIS, CompressedState, DeviceData, LossFn,
+                                         RoundConfig, init_round_state,
                                          make_data_parallel_round_fn, make_multi_round_fn,
                                          make_round_fn, replicate, worker_mesh)
 
 __all__ = [
-    "EVAL_SUBSET_SEED", "BatchFn", "DeviceData", "LossFn", "RoundConfig", "WORKER_AXIS",
-    "batch_fn_for", "classification_batch", "eval_batches", "make_data_parallel_round_fn",
-    "make_lm_batch", "make_multi_round_fn", "make_round_fn", "replicate", "sample_indices",
-    "worker_mesh",
+    "EVAL_SUBSET_SEED", "BatchFn", "CompressedState", "DeviceData", "LossFn", "RoundConfig",
+    "WORKER_AXIS", "batch_fn_for", "classification_batch", "eval_batches", "init_round_state",
+    "make_data_parallel_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
+    "replicate", "sample_indices", "worker_mesh",
 ]

@@ -10,6 +10,12 @@ axis, placed along that axis with ``shard_map``: each device runs its block of w
 delta is an explicit ``psum``, and LAgg-A's per-worker stack is gathered for the server step. The same program
 runs under ``jax.distributed`` with several processes. Both placements draw the same minibatches
 (worker k always uses ``split(key, K)[k]``), so they agree up to float summation order.
+
+With ``RoundConfig(compression=...)`` every worker compresses its delta before it is sent
+(:mod:`optax_localsgd.compression`) and the server sees the mean (or the stack) of the
+compressed deltas. Each worker's compressor state (e.g. its error-feedback residual) persists
+across rounds inside the round state, a :class:`CompressedState` built by
+:func:`init_round_state`; on a mesh it stays sharded with the workers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_localsgd.compression import Compression, round_bits
 from optax_localsgd.engine.batches import BatchFn, sample_indices
 from optax_localsgd.errors import UsageError
 
@@ -41,17 +48,50 @@ class RoundConfig:
     batch_size: B_loc, examples per worker per local step.
     per_worker_deltas: give the server the ``(K, ...)`` stack of worker deltas (LAgg-A)
       instead of their mean.
+    compression: what every worker does to its delta before sending it
+      (``compression.TopK(0.01)``, ``compression.Quantize(4)``, ...); ``None``: send it
+      uncompressed. With compression, the round state is :func:`init_round_state`'s.
   """
   num_workers: int
   local_steps: int
   batch_size: int
   per_worker_deltas: bool = False
+  compression: Compression | None = None
 
   def __post_init__(self):
     for f in ("num_workers", "local_steps", "batch_size"):
       v = getattr(self, f)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"RoundConfig.{f} must be an integer >= 1, got {v!r}.")
+    if self.compression is not None and not isinstance(self.compression, Compression):
+      raise ValueError(f"RoundConfig.compression must be an optax_localsgd.compression."
+                       f"Compression (e.g. compression.TopK(0.01)) or None, got "
+                       f"{self.compression!r}.")
+
+
+class CompressedState(NamedTuple):
+  """The round state when the workers compress their deltas.
+
+  Attributes:
+    server: the server transform's state.
+    workers: the K workers' compressor states, stacked on axis 0 (worker k's is ``[k]``),
+      e.g. their error-feedback residuals.
+  """
+  server: Any
+  workers: Any
+
+
+def init_round_state(server_tx: optax.GradientTransformation, cfg: RoundConfig,
+                     params: Any) -> Any:
+  """The state :func:`make_round_fn`'s round function starts from.
+
+  Returns ``server_tx.init(params)`` without compression, else a :class:`CompressedState`
+  holding it and ``cfg.compression.init_workers(params, K)``.
+  """
+  server = server_tx.init(params)
+  if cfg.compression is None:
+    return server
+  return CompressedState(server, cfg.compression.init_workers(params, cfg.num_workers))
 
 
 class DeviceData(NamedTuple):
@@ -111,7 +151,10 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
   Returns:
     A function ``round_fn(params, server_state, key, data) -> (params, server_state, metrics)``
     of a :class:`DeviceData` ``data``, with ``metrics["train_loss"]`` the mean local training
-    loss over workers and local steps (paper eq. 3, the meta-objective).
+    loss over workers and local steps (paper eq. 3, the meta-objective) and
+    ``metrics["bits"]`` the bits the K workers sent this round (float32; the exact integer is
+    ``compression.round_bits(cfg.compression, params, K)``). With ``cfg.compression``,
+    ``server_state`` is a :class:`CompressedState` (start from :func:`init_round_state`).
 
   Examples:
     Linear regression with K = 4 workers, H = 4 local SGD steps of B = 8 examples, and
@@ -145,43 +188,77 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       raise UsageError(f"K={k} workers cannot be split evenly over the mesh's "
                        f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
 
-  def workers(params, keys, data):
+  compressor = None if cfg.compression is None else cfg.compression.transform()
+
+  def compress(deltas, wstates):
+    """Each worker's delta through its own compressor state (a no-op without compression)."""
+    if compressor is None:
+      return deltas, wstates
+    return jax.vmap(lambda d, s: compressor.update(d, s))(deltas, wstates)
+
+  def workers(params, keys, data, wstates):
     worker = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, data.arrays)
     if mesh is None:
       deltas, losses = jax.vmap(worker, in_axes=(None, 0, 0))(params, keys, data.shards)
+      deltas, wstates = compress(deltas, wstates)
       server_in = deltas if cfg.per_worker_deltas else _mean0(deltas)
-      return server_in, jnp.mean(losses)
+      return server_in, jnp.mean(losses), wstates
 
-    def block(params, keys, shards, arrays):
+    def block(params, keys, shards, arrays, wstates):
       # Each device's workers train their own copy of the weights. Marking the replicated
       # params as device-varying keeps autodiff from summing gradients across devices (the
       # transpose of an implicit replicated->varying cast is a psum).
       params = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
       w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
       deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(params, keys, shards)
+      # Compressed on the worker's own device, before anything crosses devices; the
+      # compressor states never leave their workers' devices.
+      deltas, wstates = compress(deltas, wstates)
       loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
       if cfg.per_worker_deltas:
-        return deltas, loss  # this device's block of the (K, ...) stack; gathered below.
+        return deltas, loss, wstates  # this device's block of the (K, ...) stack; gathered below.
       return jax.tree.map(
-          lambda d: jax.lax.psum(jnp.sum(d, axis=0), WORKER_AXIS) / k, deltas), loss
+          lambda d: jax.lax.psum(jnp.sum(d, axis=0), WORKER_AXIS) / k, deltas), loss, wstates
 
     # LAgg-A: the stack leaves shard_map sharded over "workers" and the (replicated) server
     # step consumes it whole, so XLA all-gathers the K deltas, in worker order.
     delta_spec = P(WORKER_AXIS) if cfg.per_worker_deltas else P()
     return jax.shard_map(
         block, mesh=mesh,
-        in_specs=(P(), P(WORKER_AXIS), P(WORKER_AXIS), P()),
-        out_specs=(delta_spec, P()))(params, keys, data.shards, data.arrays)
+        in_specs=(P(), P(WORKER_AXIS), P(WORKER_AXIS), P(), P(WORKER_AXIS)),
+        out_specs=(delta_spec, P(), P(WORKER_AXIS)))(
+            params, keys, data.shards, data.arrays, wstates)
+
+  def split_state(state):
+    """``(server state, stacked worker compressor states)``; ``()`` for the latter without
+    compression. Checked at trace time, so a mix-up is a clear error, not a shape error."""
+    if cfg.compression is None:
+      if isinstance(state, CompressedState):
+        raise ValueError("server_state is a CompressedState, but RoundConfig.compression is "
+                         "None: pass server_tx.init(params).")
+      return state, ()
+    if not isinstance(state, CompressedState):
+      raise ValueError("RoundConfig.compression is set: server_state must be a "
+                       "CompressedState, from engine.init_round_state(server_tx, cfg, params).")
+    for x in jax.tree.leaves(state.workers):
+      if jnp.ndim(x) < 1 or jnp.shape(x)[0] != k:
+        raise ValueError(f"CompressedState.workers must hold K={k} stacked worker states "
+                         f"(leading axis {k}); a leaf has shape {jnp.shape(x)}.")
+    return state.server, state.workers
 
   def round_fn(params, server_state, key, data: DeviceData):
     data = jax.tree.map(jnp.asarray, data)  # host (numpy) data works too, outside jit.
     if data.shards.shape[0] != k:
       raise ValueError(f"data.shards has {data.shards.shape[0]} worker shards; K={k}.")
+    sstate, wstates = split_state(server_state)
     keys = jax.random.split(key, k)
-    server_in, train_loss = workers(params, keys, data)
-    updates, server_state = server_tx.update(server_in, server_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, server_state, {"train_loss": train_loss}
+    server_in, train_loss, wstates = workers(params, keys, data, wstates)
+    updates, sstate = server_tx.update(server_in, sstate, params)
+    # A static count (shapes only); float32 because an int32 overflows for big models.
+    bits = jnp.float32(round_bits(cfg.compression, params, k))
+    new_params = optax.apply_updates(params, updates)
+    new_state = sstate if cfg.compression is None else CompressedState(sstate, wstates)
+    return new_params, new_state, {"train_loss": train_loss, "bits": bits}
 
   return round_fn
 
@@ -194,6 +271,9 @@ def make_data_parallel_round_fn(loss_fn: LossFn, batch_fn: BatchFn,
   Same signature as :func:`make_round_fn`'s result; ``server_state`` is ``tx``'s state.
   ``metrics["train_loss"]`` is the loss on the step's batch (before the step).
   """
+  if cfg.compression is not None:
+    raise ValueError("RoundConfig.compression applies to local SGD's worker deltas; the "
+                     "data-parallel baselines send no deltas to compress.")
   n = cfg.num_workers * cfg.local_steps * cfg.batch_size
 
   def round_fn(params, opt_state, key, data: DeviceData):

@@ -37,6 +37,7 @@ from optax_localsgd.transforms.learned.params import MetaParams
 # 0 for the bundled weights) and the sweeps use SWEEP_SEED, so none of these was seen before.
 DEFAULT_SEEDS = tuple(range(100, 110))
 BASELINES = ("local_sgd", "slowmo", "diloco", "sgd", "adam")
+DATA_PARALLEL = ("sgd", "adam")
 LEARNED = ("lopt_a", "lagg_a")
 LABELS = {"local_sgd": "Local SGD", "slowmo": "SlowMo", "diloco": "DiLoCo",
           "sgd": "SGD (data-parallel)", "adam": "Adam (data-parallel)", "lopt_a": "LOpt-A",
@@ -57,6 +58,9 @@ class EvalConfig:
     eval_every: rounds between evaluations after ``eval_dense_until``.
     eval_dense_until: evaluate after every round up to here (one-round resolution).
     data_dir: dataset folder (``None``: the loaders' search paths).
+    compress: every method's workers compress their deltas with this spec
+      (:func:`optax_localsgd.compression.from_spec`); ``None``: uncompressed. The
+      data-parallel baselines send no deltas, so they cannot be evaluated with it.
   """
   task: str = "fmnist_mlp"
   workers: int = 8
@@ -70,8 +74,14 @@ class EvalConfig:
   eval_every: int = 10
   eval_dense_until: int = 300
   data_dir: str | None = None
+  compress: str | None = None
 
   def __post_init__(self):
+    trainer.compression_of(self.compress)
+    dense = [m for m in self.methods if m in DATA_PARALLEL]
+    if self.compress is not None and dense:
+      raise UsageError(f"--compress applies to local SGD's worker deltas; drop the "
+                       f"data-parallel {dense} from --methods.")
     unknown = sorted(set(self.methods) - set(BASELINES) - set(LEARNED))
     if unknown:
       raise UsageError(f"Unknown methods {unknown}; choose from {BASELINES + LEARNED}.")
@@ -104,12 +114,14 @@ def run_config(cfg: EvalConfig, method: str, seed: int, hparams: Mapping[str, An
       batch_size=cfg.batch_size, rounds=cfg.rounds, seed=seed,
       local_lr=float(hp.get("local_lr") or 0.1), server_lr=hp.get("server_lr"),
       momentum=hp.get("momentum"), eval_every=cfg.eval_every,
-      eval_dense_until=cfg.eval_dense_until, data_dir=cfg.data_dir)
+      eval_dense_until=cfg.eval_dense_until, data_dir=cfg.data_dir, compress=cfg.compress)
 
 
 def _fingerprint(train_cfg: trainer.TrainConfig, weights_sha: str | None) -> str:
   d = dataclasses.asdict(train_cfg)
   d.pop("data_dir")  # where the data lives does not change the run
+  if d["compress"] is None:
+    d.pop("compress")  # runs cached before the field existed keep their fingerprint
   return hashlib.sha256(json.dumps([d, weights_sha], sort_keys=True).encode()).hexdigest()[:16]
 
 

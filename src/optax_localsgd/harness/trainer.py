@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import data, engine, tasks
+from optax_localsgd import compression, data, engine, tasks
 from optax_localsgd.errors import UsageError
 from optax_localsgd.harness import servers
 from optax_localsgd.transforms import baselines
@@ -45,6 +45,9 @@ class TrainConfig:
     eval_examples: size of the fixed training subset for the global loss.
     devices: devices to spread the workers over (1: vmap on one device).
     data_dir: where the dataset is (``None``: the loader's search paths).
+    compress: what every worker does to its delta before sending it, a spec of
+      :func:`optax_localsgd.compression.from_spec` (``"top_k:0.01:ef"``, ``"quantize:4"``);
+      ``None``: uncompressed.
   """
   task: str = "fmnist_mlp"
   server: str = "local_sgd"
@@ -63,19 +66,44 @@ class TrainConfig:
   eval_examples: int = 10_000
   devices: int = 1
   data_dir: str | None = None
+  compress: str | None = None
+
+  def __post_init__(self):
+    compression_of(self.compress)  # a bad spec fails here, before any data is loaded
+
+
+def compression_of(spec: str | None) -> compression.Compression | None:
+  """``--compress``'s spec parsed, a bad one as a :class:`UsageError` (one line in the CLI)."""
+  try:
+    return compression.from_spec(spec)
+  except ValueError as e:
+    raise UsageError(f"--compress: {e}") from None
+
+
+def round_config_for(server: servers.Server, workers: int, local_steps: int, batch_size: int,
+                     compress: compression.Compression | None = None) -> engine.RoundConfig:
+  """The engine's :class:`~optax_localsgd.engine.RoundConfig` for ``server``; compression only
+  for a local-SGD server (the data-parallel baselines send gradients, not deltas)."""
+  if compress is not None and server.mode != "local":
+    raise UsageError(f"--compress applies to the workers' deltas of local SGD; {server.name} "
+                     f"is a data-parallel baseline and sends none.")
+  return engine.RoundConfig(workers, local_steps, batch_size,
+                            per_worker_deltas=server.per_worker_deltas, compression=compress)
 
 
 def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_steps: int,
                  batch_size: int, local_lr, clip_norm: float | None = None,
-                 weight_decay: float = 0.0, mesh=None) -> Callable:
+                 weight_decay: float = 0.0, mesh=None,
+                 compress: compression.Compression | None = None) -> Callable:
   """The engine's round function for ``server``.
 
-  ``server.mode == "local"``: K workers take H steps of SGD (``baselines.worker_sgd``), then the
-  server step (over ``mesh``'s "workers" axis when given). ``"data_parallel"``: one step of the
-  server optimizer on K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
+  ``server.mode == "local"``: K workers take H steps of SGD (``baselines.worker_sgd``), each
+  compresses its delta with ``compress`` (if given), then the server step (over ``mesh``'s
+  "workers" axis when given); its state is ``engine.init_round_state(server.tx,
+  round_config_for(...), params)``. ``"data_parallel"``: one step of the server optimizer on
+  K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
   """
-  round_cfg = engine.RoundConfig(workers, local_steps, batch_size,
-                                 per_worker_deltas=server.per_worker_deltas)
+  round_cfg = round_config_for(server, workers, local_steps, batch_size, compress)
   batch_fn = engine.batch_fn_for(task)
   if server.mode == "data_parallel":
     return engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
@@ -101,9 +129,12 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
 
   Returns:
     ``{"config", "rounds", "train_loss", "eval_rounds", "global_train_loss",
-    "global_train_accuracy", "test_loss", "test_accuracy", "wall_s"}``. ``train_loss`` is the
-    mean local training loss of each round (over workers and local steps);
-    ``global_train_loss`` is the global model's loss on the fixed training subset.
+    "global_train_accuracy", "bits_per_round", "test_loss", "test_accuracy", "wall_s"}``.
+    ``train_loss`` is the mean local training loss of each round (over workers and local
+    steps); ``global_train_loss`` is the global model's loss on the fixed training subset;
+    ``bits_per_round`` is what the K workers send per round in the encoding of
+    :mod:`optax_localsgd.compression.spec` (exact; ``None`` for a data-parallel baseline), so
+    ``r * bits_per_round`` bits have been sent after round ``r``.
   """
   task = tasks.from_spec(cfg.task)
   train_arrays = tasks.load_split(task, "train", cfg.data_dir)
@@ -118,12 +149,14 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     if cfg.devices > len(jax.devices()):
       raise UsageError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
     mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
+  compress = compression_of(cfg.compress)
+  round_cfg = round_config_for(server, cfg.workers, cfg.local_steps, cfg.batch_size, compress)
   round_fn = round_fn_for(task, server, cfg.workers, cfg.local_steps, cfg.batch_size,
-                          cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh)
+                          cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh, compress)
 
   key = jax.random.PRNGKey(cfg.seed)
   params = task.init(jax.random.fold_in(key, 0))
-  state = server.tx.init(params)
+  state = engine.init_round_state(server.tx, round_cfg, params)
   dev_data = engine.DeviceData(train_arrays, shards)
   if mesh is not None:
     dev_data, params, state = engine.replicate((dev_data, params, state), mesh)
@@ -136,7 +169,9 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   evaluate = make_evaluator(task, engine.eval_batches(task, train_arrays, cfg.eval_examples))
   hist = {"config": dataclasses.asdict(cfg), "label": label or cfg.server, "rounds": [],
           "train_loss": [], "eval_rounds": [], "global_train_loss": [],
-          "global_train_accuracy": []}
+          "global_train_accuracy": [],
+          "bits_per_round": (compression.round_bits(compress, params, cfg.workers)
+                             if server.mode == "local" else None)}
 
   def record_eval(r):
     loss, acc = evaluate(params)

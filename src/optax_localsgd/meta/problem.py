@@ -110,7 +110,11 @@ def initial_loss(task: tasks.Task, batches: list, seed: int, inits: int = 4) -> 
 
 
 class GroupState(NamedTuple):
-  """Inner problems of one task group; ``params``/``server_state`` have axes ``(n, 2)``."""
+  """Inner problems of one task group; ``params``/``server_state`` have axes ``(n, 2)``.
+
+  ``server_state`` is the round state of ``engine.init_round_state``: with compression it also
+  holds the workers' compressor states (axes ``(n, 2, K, ...)``), reset with the problem.
+  """
   params: Any
   server_state: Any
   xi: Any
@@ -150,9 +154,10 @@ def _round_key_base(key):
 
 
 def _fresh(group: TaskGroup, theta: MetaParams, key):
-  """A new inner problem: the same fresh params for both signs, zero server state."""
+  """A new inner problem: the same fresh params for both signs, zero server state (and fresh
+  worker compressor states, when the round compresses)."""
   params = group.task.init(_init_key(key))
-  state = _server(theta).init(params)
+  state = engine.init_round_state(_server(theta), group.round_cfg, params)
   two = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
   return two(params), two(state)
 
@@ -299,6 +304,7 @@ def evaluate_meta_loss(theta: MetaParams, group: TaskGroup, data: engine.DeviceD
   def one(seed):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 12345)
     params = group.task.init(_init_key(key))
-    return unroll(theta, (params, _server(theta).init(params)), (key, jnp.int32(0)))[1]
+    state = engine.init_round_state(_server(theta), group.round_cfg, params)
+    return unroll(theta, (params, state), (key, jnp.int32(0)))[1]
 
   return jnp.mean(jnp.stack([one(s) for s in seeds]))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_localsgd import _version, data, engine, pretrained, tasks
+from optax_localsgd import _version, compression, data, engine, pretrained, tasks
 from optax_localsgd.errors import UsageError
 from optax_localsgd.io import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
@@ -62,6 +62,9 @@ class MetaTrainConfig:
     feature_set: feature set of a fresh init (``"ada-v2"``, the authors'; or ``"ada-v1"``).
     output_init_scale: factor on a fresh init's output-layer weights (1: the authors' init;
       0: start from an optimizer that takes no step).
+    compress: meta-train for workers that compress their deltas with this spec
+      (:func:`optax_localsgd.compression.from_spec`, e.g. ``"top_k:0.01:ef"``); each inner
+      problem carries its workers' compressor states. ``None``: uncompressed.
   """
   optimizer: str = "lopt_a"
   tasks: tuple[str, ...] = ("fmnist_mlp",)
@@ -77,8 +80,10 @@ class MetaTrainConfig:
   init_from: str | None = None
   feature_set: str = "ada-v2"
   output_init_scale: float = 1.0
+  compress: str | None = None
 
   def __post_init__(self):
+    self.compressor()  # a bad spec fails here, before any data is loaded
     if self.optimizer not in ("lopt_a", "lagg_a"):
       raise UsageError(f"--optimizer must be lopt_a or lagg_a, got {self.optimizer!r}.")
     if not self.tasks:
@@ -112,6 +117,13 @@ class MetaTrainConfig:
     if p.grad_clip is not None and not (math.isfinite(p.grad_clip) and p.grad_clip > 0):
       raise UsageError(f"grad_clip must be a positive finite number, got {p.grad_clip}.")
 
+  def compressor(self) -> compression.Compression | None:
+    """:attr:`compress` parsed (a bad spec is a :class:`UsageError`)."""
+    try:
+      return compression.from_spec(self.compress)
+    except ValueError as e:
+      raise UsageError(f"--compress: {e}") from None
+
   def identity(self) -> dict:
     """What a checkpoint must match to be resumed (everything that shapes the state)."""
     d = dataclasses.asdict(self)
@@ -128,6 +140,8 @@ class MetaTrainConfig:
       d.pop("feature_set")
     if self.output_init_scale == 1.0:
       d.pop("output_init_scale")
+    if self.compress is None:
+      d.pop("compress")
     d["tasks"] = list(self.tasks)
     return d
 
@@ -149,7 +163,8 @@ def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
 def _setup(cfg: MetaTrainConfig):
   per_task = cfg.tasks_per_estimate // len(cfg.tasks)
   round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size,
-                                 per_worker_deltas=cfg.optimizer == "lagg_a")
+                                 per_worker_deltas=cfg.optimizer == "lagg_a",
+                                 compression=cfg.compressor())
   groups, datas = [], []
   for i, name in enumerate(cfg.tasks):
     task = tasks.from_spec(name)
@@ -283,6 +298,8 @@ def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
       "pes": dataclasses.asdict(cfg.pes),
       "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
       "output_init_scale": cfg.output_init_scale,
+      # The workers' compression the weights were meta-trained for (None: uncompressed).
+      "compress": (None if cfg.compressor() is None else cfg.compressor().spec()),
       "init_from": cfg.init_from,
       "init_from_sha256": (pretrained.file_sha256(pretrained.resolve(cfg.init_from))
                            if cfg.init_from else None),
