@@ -21,7 +21,7 @@ W, H = 0.165, 0.17  # a box
 FLOW = [
     ("data/", "loaders: Fashion-MNIST,\nCIFAR-10, ImageNet, text;\nworker split"),
     ("tasks/", "models + losses;\nload_split, num_items"),
-    ("engine/", "one local-SGD round:\nworkers, batches,\nmesh placement"),
+    ("engine/", "one local-SGD round:\nworkers, batches, mesh;\ncompression/ of deltas"),
     ("transforms/", "the server step: local_sgd,\nslowmo, baselines;\nlearned/: lopt_a, lagg_a"),
     ("meta/", "PES meta-training of\nthe learned transforms"),
 ]
