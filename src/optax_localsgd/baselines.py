@@ -2,6 +2,6 @@
 re-export of :mod:`optax_localsgd.transforms.baselines`, where the code lives."""
 
 from optax_localsgd.transforms.baselines import (diloco, fedadagrad, fedadam, fedyogi,
-                                                 worker_sgd)
+                                                 scaffold, worker_sgd)
 
-__all__ = ["diloco", "fedadagrad", "fedadam", "fedyogi", "worker_sgd"]
+__all__ = ["diloco", "fedadagrad", "fedadam", "fedyogi", "scaffold", "worker_sgd"]

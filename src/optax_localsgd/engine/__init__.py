@@ -2,7 +2,9 @@
 
 * :mod:`optax_localsgd.engine.round`: ``make_round_fn`` and friends (workers vmapped on one
   device or placed on a mesh), ``RoundConfig``, ``DeviceData``;
-* :mod:`optax_localsgd.engine.batches`: how workers draw minibatches on the device.
+* :mod:`optax_localsgd.engine.batches`: how workers draw minibatches on the device;
+* :mod:`optax_localsgd.engine.federated`: a federated round, K of N clients of different
+  sizes sampled every round, with optional per-client state (SCAFFOLD).
 
 Everything is re-exported here: ``from optax_localsgd import engine; engine.make_round_fn``.
 """
@@ -10,14 +12,19 @@ Everything is re-exported here: ``from optax_localsgd import engine; engine.make
 from optax_localsgd.engine.batches import (EVAL_SUBSET_SEED, BatchFn, batch_fn_for,
                                            classification_batch, eval_batches, make_lm_batch,
                                            sample_indices)
+from optax_localsgd.engine.federated import (ClientData, ClientHook, FederatedConfig,
+                                             FederatedState, client_data, federated_config,
+                                             init_federated_state, make_federated_round_fn)
 from optax_localsgd.engine.round import (WORKER_AXIS, CompressedState, DeviceData, LossFn,
                                          RoundConfig, init_round_state,
                                          make_data_parallel_round_fn, make_multi_round_fn,
                                          make_round_fn, replicate, worker_mesh)
 
 __all__ = [
-    "EVAL_SUBSET_SEED", "BatchFn", "CompressedState", "DeviceData", "LossFn", "RoundConfig",
-    "WORKER_AXIS", "batch_fn_for", "classification_batch", "eval_batches", "init_round_state",
+    "EVAL_SUBSET_SEED", "BatchFn", "ClientData", "ClientHook", "CompressedState", "DeviceData",
+    "FederatedConfig", "FederatedState", "LossFn", "RoundConfig", "WORKER_AXIS", "batch_fn_for",
+    "classification_batch", "client_data", "eval_batches", "federated_config",
+    "init_federated_state", "init_round_state", "make_federated_round_fn",
     "make_data_parallel_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
     "replicate", "sample_indices", "worker_mesh",
 ]

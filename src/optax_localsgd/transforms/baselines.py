@@ -4,7 +4,10 @@
   clip 5 and weight decay 1e-4 for the local steps).
 * Server side, applied to the mean delta (which has the sign of a gradient):
   DiLoCo's outer Nesterov SGD (Douillard et al., 2023) and the adaptive federated optimizers
-  FedAdam / FedYogi / FedAdagrad (Reddi et al., 2020, "Adaptive Federated Optimization").
+  FedAdam / FedYogi / FedAdagrad (Reddi et al., 2020, "Adaptive Federated Optimization"),
+  with the paper's Table 7 defaults (beta1 0.9, beta2 0.99, tau = eps = 1e-3).
+* Federated, with client state: SCAFFOLD (Karimireddy et al., 2020), a server transform plus
+  a client hook for :func:`optax_localsgd.engine.make_federated_round_fn`.
 * The non-local data-parallel SGD and Adam baselines (paper 5.1.4) are plain ``optax.sgd`` /
   ``optax.adam`` run by :func:`optax_localsgd.engine.make_data_parallel_round_fn`.
 """
@@ -12,6 +15,9 @@
 from __future__ import annotations
 
 import optax
+
+from optax_localsgd.transforms.averaging import local_sgd
+from optax_localsgd.transforms.scaffold import ScaffoldClient
 
 
 def worker_sgd(learning_rate: optax.ScalarOrSchedule, clip_norm: float | None = None,
@@ -93,3 +99,19 @@ def fedadagrad(learning_rate: optax.ScalarOrSchedule = 1e-1,
   """FedAdagrad server optimizer: ``optax.adagrad`` on the mean delta (Reddi et al., 2020);
   ``learning_rate`` may be an Optax schedule of the round count."""
   return optax.adagrad(learning_rate, eps=eps)
+
+
+def scaffold(local_learning_rate: float, server_learning_rate: optax.ScalarOrSchedule = 1.0
+             ) -> tuple[optax.GradientTransformation, ScaffoldClient]:
+  """SCAFFOLD (Karimireddy et al., 2020, option II): ``(server_tx, client_hook)``.
+
+  ``server_tx`` is ``local_sgd(server_learning_rate)`` (``x <- x - lr_g * mean delta``);
+  ``client_hook`` is a :class:`~optax_localsgd.transforms.scaffold.ScaffoldClient` holding the
+  control variates. Pass both to :func:`optax_localsgd.engine.make_federated_round_fn`, with
+  ``worker_tx=optax.sgd(local_learning_rate)``.
+
+  Args:
+    local_learning_rate: the clients' SGD learning rate (option II divides by it).
+    server_learning_rate: lr_g, dimensionless (1.0: the new weights are the clients' mean).
+  """
+  return local_sgd(server_learning_rate), ScaffoldClient(float(local_learning_rate))

@@ -59,3 +59,39 @@ def plot_histories(histories: list[dict], path: str | pathlib.Path, title: str =
   if title:
     fig.suptitle(title)
   fig.savefig(path, dpi=110)
+
+
+def plot_partition(counts: Any, path: str | pathlib.Path, title: str = "",
+                   max_clients: int | None = 100) -> None:
+  """Writes a PNG of a federated partition like the paper's Figure 16: one column per client,
+  one row per label, a marker whose area is proportional to the client's count of that label.
+
+  Args:
+    counts: ``(num_clients, num_classes)`` examples per client and label, e.g.
+      ``data.label_counts(partition, labels)``.
+    path: the PNG to write.
+    title: the figure's title.
+    max_clients: draw only the first this many clients (400 columns are unreadable);
+      ``None``: all.
+
+  Raises:
+    PlotsUnavailable: matplotlib is not installed.
+  """
+  import numpy as np
+  counts = np.asarray(counts)
+  if max_clients is not None:
+    counts = counts[:max_clients]
+  n_clients, n_classes = counts.shape
+  fig = figure(figsize=(max(6.0, 0.12 * n_clients), 0.35 * n_classes + 1.2),
+               layout="constrained")
+  ax = fig.subplots()
+  ci, li = np.nonzero(counts)
+  # Area, not radius, scales with the count; the largest cell gets a marker of area 120 pt^2.
+  ax.scatter(ci, li, s=120.0 * counts[ci, li] / max(counts.max(), 1), color="tab:red",
+             alpha=0.8, linewidths=0)
+  ax.set(xlabel="client", ylabel="label", xlim=(-1, n_clients), ylim=(-0.7, n_classes - 0.3),
+         yticks=range(n_classes))
+  ax.grid(True, alpha=0.3)
+  if title:
+    ax.set_title(title)
+  fig.savefig(path, dpi=110)
