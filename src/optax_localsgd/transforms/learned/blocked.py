@@ -187,10 +187,8 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
   def step(i, out):
     x, _, start = columns(i)
     d, m = mlp_apply(meta.mlp, normalize(x).T, time_feats)
-    return lax.dynamic_update_slice_in_dim(out, d * jnp.exp(cfg.exp_mult * m), start, axis=0)
+    update = -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m)
+    return lax.dynamic_update_slice_in_dim(out, update, start, axis=0)
 
   out = lax.fori_loop(0, num_blocks, step, jnp.zeros(n, jnp.float32))
-  # The step multiplier is applied outside the loop on purpose: an elementwise op can write into
-  # any buffer, so the loop's carry stays a short-lived temporary instead of being copied to a
-  # donated output buffer at the end of the program (which keeps every tensor's carry alive).
-  return (-cfg.step_mult * out).reshape(param.shape)
+  return out.reshape(param.shape)
