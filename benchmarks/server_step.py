@@ -3,7 +3,12 @@
 Measures, in one process and interleaved round-robin so machine noise hits all alike:
   * the median time of one jitted ``update`` (state donated, as in a training loop);
   * optimizer-state bytes per parameter;
-  * for lopt_a, XLA's memory analysis of one compiled update (arguments, outputs, temporaries).
+  * XLA's memory analysis of each compiled update (arguments, outputs, temporaries);
+  * the learned steps blocked (the default) and unblocked (``leaf_step=reference_leaf_step``,
+    the whole feature matrix at once), and with ``block_size=65536`` (every tensor above 65,536
+    parameters in blocks);
+  * "bare MLP": only the MLP's matmuls (28 -> 32 -> 32 -> 2) over as many rows as parameters,
+    in blocks of 65,536 rows, the floor of the learned step without its features;
 and reports each time as a ratio to Adam's step measured in the same run.
 
 Usage:
@@ -28,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import optax_localsgd as ol
+from optax_localsgd.transforms.learned.mlp import mlp_apply, reference_leaf_step
 
 K = 8
 
@@ -68,11 +75,25 @@ def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def bare_mlp(meta, n: int, block: int = 2**16):
+  """A function of a (block, 28) feature block running the MLP over ``n`` rows, block by block."""
+  tf = jnp.zeros(11, jnp.float32)
+
+  def fn(x):
+    def body(i, acc):
+      d, m = mlp_apply(meta.mlp, x + i.astype(x.dtype), tf)  # + i: no loop-invariant hoisting
+      return acc + jnp.sum(d * jnp.exp(1e-3 * m))
+    return lax.fori_loop(0, -(-n // block), body, jnp.zeros((), jnp.float32))
+  return fn
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--reps", type=int, default=7, help="timed calls per transform")
   ap.add_argument("--scale", type=float, default=1.0, help="channel-count multiplier")
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  ap.add_argument("--skip-unblocked", action="store_true",
+                  help="leave out the unblocked learned steps (5-10 GB of temporaries at scale 1)")
   args = ap.parse_args(argv)
 
   shapes = resnet50_shapes(args.scale)
@@ -84,15 +105,27 @@ def main(argv=None) -> dict:
   stack = jax.tree.map(lambda d: jnp.broadcast_to(d, (K,) + d.shape) * jnp.arange(
       1, K + 1, dtype=d.dtype).reshape((K,) + (1,) * d.ndim) / K, delta)
   key = jax.random.PRNGKey(0)
+  lopt, lagg = ol.init_lopt_a(key), ol.init_lagg_a(key, K)
   cases = {
       "adam": (optax.adam(1e-3), delta),
       "local_sgd": (ol.local_sgd(1.0), delta),
       "slowmo": (ol.slowmo(1.0, 0.95, 0.1), delta),
-      "lopt_a": (ol.lopt_a(ol.init_lopt_a(key)), delta),
-      f"lagg_a_k{K}": (ol.lagg_a(ol.init_lagg_a(key, K), K), stack),
+      "lopt_a": (ol.lopt_a(lopt), delta),
+      "lopt_a_block65536": (ol.lopt_a(lopt, block_size=2**16), delta),
+      "lopt_a_unblocked": (ol.lopt_a(lopt, leaf_step=reference_leaf_step), delta),
+      f"lagg_a_k{K}": (ol.lagg_a(lagg, K), stack),
+      f"lagg_a_k{K}_block65536": (ol.lagg_a(lagg, K, block_size=2**16), stack),
+      f"lagg_a_k{K}_unblocked": (ol.lagg_a(lagg, K, leaf_step=reference_leaf_step), stack),
   }
+  if args.skip_unblocked:
+    cases = {k: v for k, v in cases.items() if not k.endswith("unblocked")}
 
   compiled, states, result = {}, {}, {"transforms": {}}
+  # The bare MLP is timed like a transform; its "state" is its input block.
+  mlp_x = jnp.asarray(rng.normal(size=(2**16, 28)), jnp.float32)
+  compiled["bare_mlp"] = jax.jit(bare_mlp(lopt, n_params)).lower(mlp_x).compile()
+  states["bare_mlp"] = mlp_x
+  result["transforms"]["bare_mlp"] = {"state_bytes_per_param": 0.0}
   for name, (tx, d) in cases.items():
     state = tx.init(params)
     fn = jax.jit(tx.update, donate_argnums=(1,))
@@ -112,13 +145,16 @@ def main(argv=None) -> dict:
     result["transforms"][name] = entry
     print(f"compiled {name} in {compile_s:.1f}s", file=sys.stderr)
 
-  times = {name: [] for name in cases}
+  times = {name: [] for name in [*cases, "bare_mlp"]}
   for rep in range(args.reps):
     for name, (tx, d) in cases.items():
       t0 = time.perf_counter()
       out, states[name] = compiled[name](d, states[name], params)
       jax.block_until_ready((out, states[name]))
       times[name].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled["bare_mlp"](states["bare_mlp"]))
+    times["bare_mlp"].append(time.perf_counter() - t0)
     print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
 
   adam_s = statistics.median(times["adam"])
@@ -153,11 +189,15 @@ def to_markdown(r: dict) -> str:
       f"{r['n_tensors']} tensors)", "",
       f"`{r['command']}` on {r['platform']} ({r['device']}, {r['cpu_count']} cores), "
       f"jax {r['jax']}, optax {r['optax']}, {r['date']}; median of {r['reps']} interleaved calls.",
-      "", "| transform | step (ms) | step / Adam step | state bytes / param |",
-      "| --- | ---: | ---: | ---: |"]
+      "", "| transform | step (ms) | step / Adam step | state bytes / param "
+      "| XLA temporaries (MiB) | temporaries / param bytes |",
+      "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for name, e in r["transforms"].items():
+    temp = e.get("xla_memory_bytes", {}).get("temporaries")
+    temp_cols = ("n/a | n/a" if temp is None else
+                 f"{temp / 2**20:.0f} | {temp / (4 * r['n_params']):.2f}")
     lines.append(f"| {name} | {1e3 * e['median_step_s']:.1f} | {e['step_over_adam']:.2f} | "
-                 f"{e['state_bytes_per_param']:.2f} |")
+                 f"{e['state_bytes_per_param']:.2f} | {temp_cols} |")
   if "lopt_a_peak_bytes" in r:
     m = r["transforms"]["lopt_a"]["xla_memory_bytes"]
     lines += ["", f"Peak memory of one lopt_a update (XLA memory analysis): "

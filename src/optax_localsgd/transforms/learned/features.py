@@ -241,10 +241,106 @@ def time_features(count: jax.Array, feature_set: str = DEFAULT_FEATURE_SET) -> j
   return jnp.tanh(t - 1.0 if check_feature_set(feature_set) == "ada-v2" else t)
 
 
+class Statistic(NamedTuple):
+  """A tensor-level statistic the features read, broadcast over the view of the tensor.
+
+  Attributes:
+    value: ``(L,) + shape`` where ``shape`` is the view with the axes in ``reduced`` set to 1
+      (``L`` is 3 for the three factored decays).
+    reduced: the view axes ``value`` is reduced over; each parameter reads the entry at its own
+      index with those axes set to 0.
+  """
+  value: jax.Array
+  reduced: tuple[int, ...]
+
+
+def factored_statistics(acc: AdaAccumulators, shape: tuple[int, ...],
+                        feature_set: str = DEFAULT_FEATURE_SET) -> tuple[Statistic, ...]:
+  """The factored statistics of one tensor that :func:`element_columns` reads.
+
+  They are small (reduced over at least one axis of the view), except for rank 0 and 1 where
+  ``row`` is per parameter. Computing their reductions here, once per tensor, is what lets the
+  columns be evaluated on any subset of the parameters (:mod:`.blocked`).
+
+  Returns:
+    ada-v1: ``(row, col, mean of row over the row axis)``. ada-v2, rank >= 2: the authors'
+    ``(v_row, v_col, mean of v_row over d1)``; ada-v2, rank 0 and 1: ``(row,)``, the full
+    second moment at decays beta_5..7.
+  """
+  spec = factor_spec(shape)
+  ra, ca = spec.row_axis, spec.col_axis
+  if check_feature_set(feature_set) == "ada-v1":
+    row_mean = jnp.mean(acc.row, axis=ra + 1, keepdims=True)  # +1 for the leading decay axis
+    return (Statistic(acc.row, (ca,)), Statistic(acc.col, (ra,)),
+            Statistic(row_mean, (ra, ca)))
+  if len(shape) < 2:
+    return (Statistic(acc.row, (ca,)),)
+  # The authors' factored dims: d0 the largest axis, d1 the second (ties to the later axis);
+  # v_row averages over d0, v_col over d1. Our ``row`` averages over col_axis.
+  vshape = spec.view_shape
+  if (vshape[ca], ca) > (vshape[ra], ra):  # d0 is the column axis
+    v_row, v_col, d1 = Statistic(acc.row, (ca,)), Statistic(acc.col, (ra,)), ra
+  else:
+    v_row, v_col, d1 = Statistic(acc.col, (ra,)), Statistic(acc.row, (ca,)), ca
+  row_mean = jnp.mean(v_row.value, axis=d1 + 1, keepdims=True)
+  return v_row, v_col, Statistic(row_mean, (ra, ca))
+
+
+def element_columns(stats: tuple[jax.Array, ...], param: jax.Array, m: jax.Array, v: jax.Array,
+                    delta: jax.Array, delta_channels: jax.Array, eps: float = EPS,
+                    feature_set: str = DEFAULT_FEATURE_SET, factored: bool = True) -> jax.Array:
+  """The un-normalised feature columns of a set of parameters, float32 ``(27 + C,) + E``.
+
+  ``E`` is the shape of the parameters evaluated: the whole view of a tensor
+  (:func:`tensor_features`) or a block of its flattened parameters (:mod:`.blocked`). Every
+  argument broadcasts against ``(1,) + E``; the same elementwise operations run either way, so
+  a block's columns are the whole tensor's, sliced.
+
+  Args:
+    stats: the values of :func:`factored_statistics`, each broadcastable to ``(3,) + E``.
+    param: ``(1,) + E``: W_t. m: ``(3,) + E``; v: ``(1,) + E``; delta: ``(1,) + E`` (float32).
+    delta_channels: ``(C,) + E``: the delta channel(s) fed to the MLP.
+    eps: ada-v1 only: floor under reciprocal square roots.
+    feature_set: ``"ada-v2"`` or ``"ada-v1"``.
+    factored: whether the tensor has rank >= 2 (ada-v2 treats rank 0 and 1 unfactored).
+  """
+  shape3 = (3,) + jnp.broadcast_shapes(param.shape, delta_channels.shape)[1:]
+  tile = lambda x: jnp.broadcast_to(x, shape3)
+  if check_feature_set(feature_set) == "ada-v1":
+    row, col, row_mean = stats
+    # ~1/sqrt(E[delta^2]), from the row and column statistics alone.
+    fac = _rsqrt(row / jnp.maximum(row_mean, _FLT_MIN), eps) * _rsqrt(col, eps)
+    rsqrt_v = _rsqrt(v, eps)
+    chans = [param, tile(m), v, m * rsqrt_v, rsqrt_v, delta * fac, tile(row), tile(col),
+             tile(_rsqrt(row, eps)), tile(_rsqrt(col, eps)), m * fac, delta_channels]
+    return jnp.concatenate([jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans])
+  safe_rsqrt = lambda x: jax.lax.rsqrt(jnp.maximum(x, V2_SAFE_FLOOR))
+  rsqrt_v = jax.lax.rsqrt(v + V2_RMS_EPS)
+  if factored:
+    v_row, v_col, row_mean = stats
+    fac = safe_rsqrt(v_row / (row_mean + V2_SAFE_FLOOR)) * safe_rsqrt(v_col)
+    row_feat, col_feat = tile(v_row), tile(v_col)
+    fac_g, fac_m = delta * fac, m * fac
+  else:
+    # Unfactored (rank 0 and 1), the authors' "match what RMSProp does" branch: the statistic
+    # is the full second moment at decays beta_5..7 in the (n, 1) view.
+    (v_full,) = stats
+    row_feat = col_feat = v_full = tile(v_full)
+    fac_g = delta * safe_rsqrt(v_full + V2_SAFE_FLOOR)
+    fac_m = m * jax.lax.rsqrt(v_full + V2_RMS_EPS)
+  chans = [param, tile(m), v, m * rsqrt_v, rsqrt_v, fac_g, row_feat, col_feat,
+           jax.lax.rsqrt(row_feat + V2_FACTOR_EPS), jax.lax.rsqrt(col_feat + V2_FACTOR_EPS),
+           fac_m, delta_channels]
+  return jnp.concatenate([jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans])
+
+
 def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
                     delta_channels: jax.Array, eps: float = EPS,
                     feature_set: str = DEFAULT_FEATURE_SET) -> jax.Array:
   """The normalised, per-parameter features of one tensor, without the time features.
+
+  Materialises the whole ``(N, 27 + C)`` matrix (about 120 + 4 C bytes per parameter); the
+  blocked step of :mod:`.blocked` computes the same numbers in bounded memory.
 
   Args:
     acc: accumulators already advanced with ``delta``.
@@ -259,64 +355,13 @@ def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
     float32 array ``(param.size, 27 + C)`` in the column order of ``docs/features.md``
     (the time features, identical for all parameters, are added by the caller).
   """
-  if check_feature_set(feature_set) == "ada-v2":
-    return _tensor_features_v2(acc, param, delta, delta_channels)
-  spec = factor_spec(param.shape)
-  view = (3,) + spec.view_shape
-  ra, ca = spec.row_axis + 1, spec.col_axis + 1  # +1 for the leading decay axis.
-  row_mean = jnp.mean(acc.row, axis=ra, keepdims=True)
-  row_factor = _rsqrt(acc.row / jnp.maximum(row_mean, _FLT_MIN), eps)
-  fac = row_factor * _rsqrt(acc.col, eps)  # broadcasts to the view: ~1/sqrt(E[delta^2]).
-  m = acc.m.reshape(view)
-  d = delta.astype(jnp.float32).reshape(spec.view_shape)[None]
-  rsqrt_v = _rsqrt(acc.v, eps).reshape(spec.view_shape)[None]
-  tile = lambda x: jnp.broadcast_to(x, view)
-  chans = [
-      param.astype(jnp.float32).reshape(spec.view_shape)[None],
-      m, acc.v.reshape(spec.view_shape)[None], m * rsqrt_v, rsqrt_v,
-      d * fac, tile(acc.row), tile(acc.col),
-      tile(_rsqrt(acc.row, eps)), tile(_rsqrt(acc.col, eps)), m * fac,
-      delta_channels.astype(jnp.float32).reshape((-1,) + spec.view_shape),
-  ]
-  stacked = jnp.concatenate(chans, axis=0).reshape(-1, param.size)  # (F, N)
-  return normalize(stacked, axes=(1,)).T
-
-
-def _tensor_features_v2(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
-                        delta_channels: jax.Array) -> jax.Array:
-  """ada-v2 features (docs/features.md, "ada-v2"); same column order as ada-v1."""
-  spec = factor_spec(param.shape)
-  vshape = spec.view_shape
-  view = (3,) + vshape
-  safe_rsqrt = lambda x: jax.lax.rsqrt(jnp.maximum(x, V2_SAFE_FLOOR))
-  tile = lambda x: jnp.broadcast_to(x, view)
-  m = acc.m.reshape(view)
-  v = acc.v.reshape(vshape)[None]
-  d = delta.astype(jnp.float32).reshape(vshape)[None]
-  rsqrt_v = jax.lax.rsqrt(v + V2_RMS_EPS)
-  if param.ndim >= 2:
-    # The authors' factored dims: d0 the largest axis, d1 the second (ties to the later axis);
-    # v_row averages over d0, v_col over d1. Our ``row`` averages over col_axis.
-    ra, ca = spec.row_axis, spec.col_axis
-    d0_is_col = (vshape[ca], ca) > (vshape[ra], ra)
-    v_row, v_col = (acc.row, acc.col) if d0_is_col else (acc.col, acc.row)
-    d1 = (ra if d0_is_col else ca) + 1  # +1 for the leading decay axis
-    row_mean = jnp.mean(v_row, axis=d1, keepdims=True)
-    fac = safe_rsqrt(v_row / (row_mean + V2_SAFE_FLOOR)) * safe_rsqrt(v_col)
-    row_feat, col_feat = tile(v_row), tile(v_col)
-    fac_g, fac_m = d * fac, m * fac
-  else:
-    # Unfactored (rank 0 and 1), the authors' "match what RMSProp does" branch: ``row`` is the
-    # full second moment at decays beta_5..7 in the (n, 1) view.
-    v_full = tile(acc.row)
-    row_feat = col_feat = v_full
-    fac_g = d * safe_rsqrt(v_full + V2_SAFE_FLOOR)
-    fac_m = m * jax.lax.rsqrt(v_full + V2_RMS_EPS)
-  chans = [
-      param.astype(jnp.float32).reshape(vshape)[None], m, v, m * rsqrt_v, rsqrt_v, fac_g,
-      row_feat, col_feat, jax.lax.rsqrt(row_feat + V2_FACTOR_EPS),
-      jax.lax.rsqrt(col_feat + V2_FACTOR_EPS), fac_m,
-      delta_channels.astype(jnp.float32).reshape((-1,) + vshape),
-  ]
-  stacked = jnp.concatenate(chans, axis=0).reshape(-1, param.size)  # (F, N)
+  vshape = factor_spec(param.shape).view_shape
+  stats = [s.value for s in factored_statistics(acc, param.shape, feature_set)]
+  as_view = lambda x, lead: x.astype(jnp.float32).reshape((lead,) + vshape)
+  cols = element_columns(stats, as_view(param, 1), as_view(acc.m, 3), as_view(acc.v, 1),
+                         as_view(delta, 1), as_view(delta_channels, -1), eps, feature_set,
+                         factored=param.ndim >= 2)
+  stacked = cols.reshape(-1, param.size)  # (F, N)
+  if feature_set == "ada-v1":
+    return normalize(stacked, axes=(1,)).T
   return second_moment_normalize(stacked, axes=(1,)).T

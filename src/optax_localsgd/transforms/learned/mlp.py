@@ -1,9 +1,11 @@
 """The per-parameter MLP F_phi and the update rule of paper eq. 4.
 
 :func:`reference_leaf_step` is the straightforward implementation: it materialises the feature
-matrix of a tensor and runs the MLP on it. It is the default ``leaf_step`` of
-:func:`optax_localsgd.lopt_a` / :func:`optax_localsgd.lagg_a`; a fused kernel with the same
-signature (:class:`LeafStep`) can replace it without touching the transforms.
+matrix of a tensor and runs the MLP on it (about 250 bytes of temporaries per parameter). The
+default ``leaf_step`` of :func:`optax_localsgd.lopt_a` / :func:`optax_localsgd.lagg_a` is
+:func:`~optax_localsgd.transforms.learned.blocked.blocked_leaf_step`, which runs it whole on
+small tensors and in blocks on large ones; a fused kernel with the same signature
+(:class:`LeafStep`) can replace either without touching the transforms.
 """
 
 from __future__ import annotations

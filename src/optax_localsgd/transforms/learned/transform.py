@@ -9,6 +9,7 @@ itself.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -17,9 +18,9 @@ import numpy as np
 import optax
 
 from optax_localsgd.transforms import _validation
-from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned import blocked, features
 from optax_localsgd.transforms.learned.params import MetaParams
-from optax_localsgd.transforms.learned.mlp import LeafStep, reference_leaf_step
+from optax_localsgd.transforms.learned.mlp import LeafStep
 
 
 class LearnedOptState(NamedTuple):
@@ -41,10 +42,20 @@ def _check_meta(meta_params, fn_name):
         f"got {type(meta_params).__name__}.")
 
 
+def _leaf_step(leaf_step: LeafStep | None, block_size: int | None, fn_name: str) -> LeafStep:
+  """The step to run: the blocked built-in one unless the caller brings their own."""
+  if leaf_step is None:
+    return functools.partial(blocked.blocked_leaf_step,
+                             block_size=blocked.check_block_size(block_size))
+  if block_size is not None:
+    raise ValueError(f"{fn_name} got both leaf_step and block_size; block_size sets the blocks "
+                     f"of the built-in step, so pass only one of them.")
+  return leaf_step
+
+
 def _learned(meta_params: MetaParams, num_workers: int | None,
-             leaf_step: LeafStep | None) -> optax.GradientTransformationExtraArgs:
+             leaf_step: LeafStep) -> optax.GradientTransformationExtraArgs:
   name = meta_params.config.kind
-  leaf_step = reference_leaf_step if leaf_step is None else leaf_step
 
   def init_fn(params):
     return LearnedOptState(
@@ -74,9 +85,9 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
       return step.astype(p.dtype), acc
 
     treedef = jax.tree.structure(params)
-    accs = treedef.flatten_up_to(state.accumulators)
     pairs = [one(p, d, a) for p, d, a in
-             zip(jax.tree.leaves(params), treedef.flatten_up_to(updates), accs)]
+             zip(jax.tree.leaves(params), treedef.flatten_up_to(updates),
+                 treedef.flatten_up_to(state.accumulators))]
     new_updates = treedef.unflatten([u for u, _ in pairs])
     new_acc = treedef.unflatten([a for _, a in pairs])
     return new_updates, LearnedOptState(
@@ -85,8 +96,8 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def lopt_a(meta_params: MetaParams,
-           leaf_step: LeafStep | None = None) -> optax.GradientTransformationExtraArgs:
+def lopt_a(meta_params: MetaParams, leaf_step: LeafStep | None = None,
+           block_size: int | None = None) -> optax.GradientTransformationExtraArgs:
   """LOpt-A: the worker-invariant learned server optimizer.
 
   ``updates`` is the averaged delta ``Delta = mean_k (W_old - W_new^(k))``, a pytree like
@@ -97,12 +108,18 @@ def lopt_a(meta_params: MetaParams,
 
   Args:
     meta_params: LOpt-A :class:`~optax_localsgd.MetaParams` (``init_lopt_a`` or pretrained).
-    leaf_step: per-tensor features + MLP; ``None`` (the default) is
-      :func:`~optax_localsgd.transforms.learned.mlp.reference_leaf_step`. Replace with a fused
-      kernel of the same signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`) to
-      speed up large models. (The default is ``None`` rather than the function because
-      ``optax.inject_hyperparams`` takes every callable argument for a schedule; pass
-      ``static_args=("leaf_step",)`` there when you give a kernel.)
+    leaf_step: per-tensor features + MLP; ``None`` for the built-in
+      :func:`~optax_localsgd.transforms.learned.blocked.blocked_leaf_step`. Replace with a fused
+      kernel of the same signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`)
+      to speed up large models; ``reference_leaf_step`` is the unblocked original.
+      (The default is ``None`` rather than a function because ``optax.inject_hyperparams``
+      takes every callable argument for a schedule; pass ``static_args=("leaf_step",)`` there
+      when you give a kernel.)
+    block_size: at most this many parameters per block of the built-in step (an int >= 1).
+      A tensor that fits is evaluated whole; a larger one in balanced blocks, so the step's
+      temporaries per tensor stay near ``250 * block_size`` bytes whatever its size. ``None``
+      (automatic): tensors up to 131,072 parameters whole, larger ones in blocks of at most
+      65,536. The result is the same to float32 rounding. Only with ``leaf_step=None``.
 
   There are no numeric hyperparameters: the meta-parameters fix the step (the learned MLP
   plays the role of a learning rate), so nothing here takes a schedule.
@@ -110,6 +127,10 @@ def lopt_a(meta_params: MetaParams,
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
     State memory: 4 float32 copies of the params plus sub-linear factored statistics.
+
+  Raises:
+    ValueError: wrong kind of meta-parameters, a ``block_size`` that is not a positive int, or
+      both ``leaf_step`` and ``block_size``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -132,11 +153,11 @@ def lopt_a(meta_params: MetaParams,
     raise ValueError(
         f"lopt_a got meta-parameters built for {meta_params.config.kind} "
         f"(K={meta_params.config.num_workers}); use lagg_a(meta_params, k) for those.")
-  return _learned(meta_params, None, leaf_step)
+  return _learned(meta_params, None, _leaf_step(leaf_step, block_size, "lopt_a"))
 
 
-def lagg_a(meta_params: MetaParams, k: int,
-           leaf_step: LeafStep | None = None) -> optax.GradientTransformationExtraArgs:
+def lagg_a(meta_params: MetaParams, k: int, leaf_step: LeafStep | None = None,
+           block_size: int | None = None) -> optax.GradientTransformationExtraArgs:
   """LAgg-A: the worker-aware learned server optimizer (a learned aggregator).
 
   ``updates`` is the per-worker stack: every leaf has shape ``(k,) + param.shape`` and holds
@@ -149,6 +170,8 @@ def lagg_a(meta_params: MetaParams, k: int,
     k: the number of workers K (the leading axis of every delta leaf). It fixes shapes, so
       under ``optax.inject_hyperparams`` it must be static: ``static_args=("k",)``.
     leaf_step: per-tensor features + MLP (see :func:`lopt_a`).
+    block_size: parameters per block of the built-in step (see :func:`lopt_a`); a block also
+      holds its K worker deltas' columns, about ``4 K`` more bytes per parameter.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -183,4 +206,4 @@ def lagg_a(meta_params: MetaParams, k: int,
         f"These LAgg-A meta-parameters were built for K={cfg.num_workers} workers "
         f"({cfg.num_inputs} inputs), but lagg_a was asked for k={k}. LAgg-A weights only "
         f"work with the K they were meta-trained for; use LOpt-A for a varying K.")
-  return _learned(meta_params, k, leaf_step)
+  return _learned(meta_params, k, _leaf_step(leaf_step, block_size, "lagg_a"))
