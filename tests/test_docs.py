@@ -45,22 +45,14 @@ def test_docstring_examples_run(module):
       f"{module} failed (the failures are printed above)"
 
 
-def test_baselines_page_code_runs():
-  """docs/baselines.md's snippets (with their own assertions) run in order, as written."""
-  blocks = re.findall(r"```python\n(.*?)```", (DOCS / "baselines.md").read_text(), flags=re.S)
-  assert len(blocks) >= 5
+@pytest.mark.parametrize("page, min_blocks", [("baselines.md", 5), ("federated.md", 3)])
+def test_page_code_runs(page, min_blocks):
+  """The page's snippets (with their own assertions) run in order, as written."""
+  blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+  assert len(blocks) >= min_blocks
   namespace = {}
   for code in blocks:
-    exec(compile(code, str(DOCS / "baselines.md"), "exec"), namespace)
-
-
-def test_federated_page_code_runs():
-  """docs/federated.md's snippets run in order, as written (they assert what they show)."""
-  blocks = re.findall(r"```python\n(.*?)```", (DOCS / "federated.md").read_text(), flags=re.S)
-  assert len(blocks) >= 3
-  namespace = {}
-  for code in blocks:
-    exec(compile(code, str(DOCS / "federated.md"), "exec"), namespace)
+    exec(compile(code, str(DOCS / page), "exec"), namespace)
 
 
 def _require_sphinx():

@@ -48,7 +48,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from optax_localsgd.engine.batches import BatchFn
-from optax_localsgd.engine.round import WORKER_AXIS, LossFn
+from optax_localsgd.engine.round import WORKER_AXIS, LossFn, check_worker_mesh
 from optax_localsgd.errors import UsageError
 
 
@@ -260,12 +260,7 @@ def make_federated_round_fn(loss_fn: LossFn, batch_fn: BatchFn,
     ``metrics["clients"]`` the ``(K,)`` int32 sampled client ids.
   """
   k, n = cfg.clients_per_round, cfg.num_clients
-  if mesh is not None:
-    if WORKER_AXIS not in mesh.axis_names:
-      raise ValueError(f"The mesh needs an axis named {WORKER_AXIS!r}; it has {mesh.axis_names}.")
-    if k % mesh.shape[WORKER_AXIS]:
-      raise UsageError(f"K={k} sampled clients cannot be split evenly over the mesh's "
-                       f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
+  check_worker_mesh(mesh, k, "sampled clients")
 
   def run_clients(arrays, params, keys, shards, sizes, cstates, hstate):
     def local(arrays, params, keys, shards, sizes, cstates, hstate):

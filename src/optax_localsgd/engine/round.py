@@ -132,6 +132,17 @@ def _mean0(tree):
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
 
 
+
+def check_worker_mesh(mesh: Mesh | None, k: int, what: str) -> None:
+  """Errors unless ``mesh`` (if any) has a workers axis that splits ``k`` ``what`` evenly."""
+  if mesh is None:
+    return
+  if WORKER_AXIS not in mesh.axis_names:
+    raise ValueError(f"The mesh needs an axis named {WORKER_AXIS!r}; it has {mesh.axis_names}.")
+  if k % mesh.shape[WORKER_AXIS]:
+    raise UsageError(f"K={k} {what} cannot be split evenly over the mesh's "
+                     f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
+
 def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientTransformation,
                   server_tx: optax.GradientTransformation, cfg: RoundConfig,
                   mesh: Mesh | None = None) -> Callable:
@@ -181,12 +192,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     True
   """
   k = cfg.num_workers
-  if mesh is not None:
-    if WORKER_AXIS not in mesh.axis_names:
-      raise ValueError(f"The mesh needs an axis named {WORKER_AXIS!r}; it has {mesh.axis_names}.")
-    if k % mesh.shape[WORKER_AXIS]:
-      raise UsageError(f"K={k} workers cannot be split evenly over the mesh's "
-                       f"{mesh.shape[WORKER_AXIS]} devices along {WORKER_AXIS!r}.")
+  check_worker_mesh(mesh, k, "workers")
 
   compressor = None if cfg.compression is None else cfg.compression.transform()
 
