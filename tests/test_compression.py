@@ -176,8 +176,10 @@ def test_quantize_rejects_unsupported_bits(bad):
 # jit, vmap
 
 
+# Named ids: a transform's repr holds addresses, which differ between pytest-xdist workers.
 @pytest.mark.parametrize("tx", [C.top_k(0.1), C.top_k(0.1, error_feedback=True), C.quantize(4),
-                                C.quantize(8, stochastic=False)], ids=str)
+                                C.quantize(8, stochastic=False)],
+                         ids=["top_k", "top_k_ef", "quantize4", "quantize8_nearest"])
 def test_jit_and_vmap_match_eager(tx):
   params = make_params(2)
   state = tx.init(params)
