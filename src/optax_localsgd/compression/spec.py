@@ -22,6 +22,7 @@ Text specs (the ``--compress`` flag), parsed by :func:`from_spec`: ``none``, ``t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any
@@ -47,7 +48,7 @@ def dense_bits(tree: Any) -> int:
   return 32 * sum(_sizes(tree))
 
 
-class Compression:
+class Compression(abc.ABC):
   """What a worker does to its delta before sending it. Subclass as a frozen dataclass.
 
   A subclass defines :meth:`transform` and :meth:`bits`; :meth:`init_workers` stacks
@@ -55,17 +56,17 @@ class Compression:
   random stream).
   """
 
+  @abc.abstractmethod
   def transform(self) -> optax.GradientTransformation:
     """The Optax transform of one worker's delta."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def bits(self, tree: Any) -> int:
     """Bits one worker sends for a delta shaped like ``tree`` (see the module's encoding)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def spec(self) -> str:
     """The text spec :func:`from_spec` parses back to this object."""
-    raise NotImplementedError
 
   def init_workers(self, params: Any, num_workers: int) -> Any:
     """``num_workers`` states of :meth:`transform`, stacked on a leading axis."""
