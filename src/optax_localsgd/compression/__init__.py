@@ -10,11 +10,12 @@ Everything is re-exported here (see docs/compression.md).
 """
 
 from optax_localsgd.compression.spec import (SPEC_HELP, Compression, Quantize, TopK, dense_bits,
-                                             from_spec, round_bits)
+                                             from_flag, from_spec, round_bits)
 from optax_localsgd.compression.transforms import (SUPPORTED_BITS, QuantizeState, TopKState,
                                                    num_kept, quantize, top_k)
 
 __all__ = [
     "SPEC_HELP", "SUPPORTED_BITS", "Compression", "Quantize", "QuantizeState", "TopK",
-    "TopKState", "dense_bits", "from_spec", "num_kept", "quantize", "round_bits", "top_k",
+    "TopKState", "dense_bits", "from_flag", "from_spec", "num_kept", "quantize", "round_bits",
+    "top_k",
 ]

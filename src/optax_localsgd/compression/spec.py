@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from optax_localsgd.compression import transforms
+from optax_localsgd.errors import UsageError
 
 SPEC_HELP = ("none, top_k:F (keep the fraction F of each tensor's entries), top_k:F:ef (with "
              "error feedback), quantize:B (B = 8, 4 or 2 bits, stochastic rounding) or "
@@ -170,3 +171,12 @@ def round_bits(compression: Compression | None, params: Any, num_workers: int) -
   (exact, a Python int; ``None``: uncompressed, 32 bits per entry)."""
   per_worker = dense_bits(params) if compression is None else compression.bits(params)
   return num_workers * per_worker
+
+
+def from_flag(text: str | None) -> Compression | None:
+  """:func:`from_spec` for a ``--compress`` value: a bad one is a :class:`UsageError` (one
+  line in the CLI) that names the flag."""
+  try:
+    return from_spec(text)
+  except ValueError as e:
+    raise UsageError(f"--compress: {e}") from None

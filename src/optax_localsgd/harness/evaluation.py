@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_localsgd import pretrained
+from optax_localsgd import compression, pretrained
 from optax_localsgd.errors import UsageError
 from optax_localsgd.harness import trainer
 from optax_localsgd.transforms.learned.params import MetaParams
@@ -77,7 +77,7 @@ class EvalConfig:
   compress: str | None = None
 
   def __post_init__(self):
-    trainer.compression_of(self.compress)
+    compression.from_flag(self.compress)
     dense = [m for m in self.methods if m in DATA_PARALLEL]
     if self.compress is not None and dense:
       raise UsageError(f"--compress applies to local SGD's worker deltas; drop the "

@@ -69,15 +69,7 @@ class TrainConfig:
   compress: str | None = None
 
   def __post_init__(self):
-    compression_of(self.compress)  # a bad spec fails here, before any data is loaded
-
-
-def compression_of(spec: str | None) -> compression.Compression | None:
-  """``--compress``'s spec parsed, a bad one as a :class:`UsageError` (one line in the CLI)."""
-  try:
-    return compression.from_spec(spec)
-  except ValueError as e:
-    raise UsageError(f"--compress: {e}") from None
+    compression.from_flag(self.compress)  # a bad spec fails here, before any data is loaded
 
 
 def round_config_for(server: servers.Server, workers: int, local_steps: int, batch_size: int,
@@ -149,7 +141,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     if cfg.devices > len(jax.devices()):
       raise UsageError(f"--devices {cfg.devices} but JAX sees {len(jax.devices())} devices.")
     mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
-  compress = compression_of(cfg.compress)
+  compress = compression.from_flag(cfg.compress)
   round_cfg = round_config_for(server, cfg.workers, cfg.local_steps, cfg.batch_size, compress)
   round_fn = round_fn_for(task, server, cfg.workers, cfg.local_steps, cfg.batch_size,
                           cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh, compress)

@@ -119,10 +119,7 @@ class MetaTrainConfig:
 
   def compressor(self) -> compression.Compression | None:
     """:attr:`compress` parsed (a bad spec is a :class:`UsageError`)."""
-    try:
-      return compression.from_spec(self.compress)
-    except ValueError as e:
-      raise UsageError(f"--compress: {e}") from None
+    return compression.from_flag(self.compress)
 
   def identity(self) -> dict:
     """What a checkpoint must match to be resumed (everything that shapes the state)."""
