@@ -143,7 +143,7 @@ def cmd_meta_train(args) -> int:
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
       checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from,
       feature_set=args.feature_set, output_init_scale=args.output_init_scale,
-      compress=args.compress)
+      compress=args.compress, nominal_init=args.nominal_init)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial,
@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--init-from", default=None, metavar="NAME_OR_PATH",
                  help="start from these weights (same optimizer and K), e.g. to fine-tune "
                  "H=4 weights for another H; default: a fresh init from --seed")
+  m.add_argument("--init", dest="nominal_init", default=None, metavar="nesterov:LR,MOMENTUM",
+                 help="start a fresh init as DiLoCo's outer Nesterov step (docs/meta.md)")
   m.add_argument("--checkpoint-every", type=int, default=100)
   m.add_argument("--data-dir", default=None)
   m.add_argument("--out", required=True, help="output directory")

@@ -32,6 +32,7 @@ from optax_localsgd.io import checkpoint as ckpt
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
 from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned.nominal import nesterov_init
 from optax_localsgd.transforms.learned.params import MetaParams, init_lagg_a, init_lopt_a
 from optax_localsgd.util.progress import Progress
 from optax_localsgd.util.signals import StopFlag
@@ -65,6 +66,10 @@ class MetaTrainConfig:
     compress: meta-train for workers that compress their deltas with this spec
       (:func:`optax_localsgd.compression.from_spec`, e.g. ``"top_k:0.01:ef"``); each inner
       problem carries its workers' compressor states. ``None``: uncompressed.
+    nominal_init: ``"nesterov:LR,MOMENTUM"`` starts a fresh ada-v2 init as DiLoCo's outer
+      Nesterov step with that learning rate and momentum
+      (:func:`optax_localsgd.transforms.learned.nominal.nesterov_init`); ``None``: the plain
+      init. Not with ``init_from``.
   """
   optimizer: str = "lopt_a"
   tasks: tuple[str, ...] = ("fmnist_mlp",)
@@ -81,9 +86,17 @@ class MetaTrainConfig:
   feature_set: str = "ada-v2"
   output_init_scale: float = 1.0
   compress: str | None = None
+  nominal_init: str | None = None
 
   def __post_init__(self):
     self.compressor()  # a bad spec fails here, before any data is loaded
+    if self.nominal_init is not None:
+      self.nominal()
+      if self.init_from is not None:
+        raise UsageError("--init nesterov:... shapes a fresh init; it cannot be combined with "
+                         "--init-from.")
+      if self.feature_set != "ada-v2":
+        raise UsageError("--init nesterov:... needs --feature-set ada-v2.")
     if self.optimizer not in ("lopt_a", "lagg_a"):
       raise UsageError(f"--optimizer must be lopt_a or lagg_a, got {self.optimizer!r}.")
     if not self.tasks:
@@ -117,6 +130,21 @@ class MetaTrainConfig:
     if p.grad_clip is not None and not (math.isfinite(p.grad_clip) and p.grad_clip > 0):
       raise UsageError(f"grad_clip must be a positive finite number, got {p.grad_clip}.")
 
+  def nominal(self) -> tuple[float, float] | None:
+    """:attr:`nominal_init` parsed as ``(server_lr, momentum)`` (``None`` when unset)."""
+    if self.nominal_init is None:
+      return None
+    kind, _, rest = self.nominal_init.partition(":")
+    try:
+      lr, momentum = (float(x) for x in rest.split(","))
+    except ValueError:
+      lr = momentum = None
+    if kind != "nesterov" or lr is None or not (math.isfinite(lr) and lr > 0) or not (
+        0 < momentum < 1):
+      raise UsageError(f"--init {self.nominal_init!r}: expected nesterov:LR,MOMENTUM with "
+                       f"LR > 0 and MOMENTUM in (0, 1), e.g. nesterov:1.0,0.95.")
+    return lr, momentum
+
   def compressor(self) -> compression.Compression | None:
     """:attr:`compress` parsed (a bad spec is a :class:`UsageError`)."""
     return compression.from_flag(self.compress)
@@ -139,6 +167,8 @@ class MetaTrainConfig:
       d.pop("output_init_scale")
     if self.compress is None:
       d.pop("compress")
+    if self.nominal_init is None:
+      d.pop("nominal_init")
     d["tasks"] = list(self.tasks)
     return d
 
@@ -148,8 +178,10 @@ def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
   if cfg.init_from is None:
     key = jax.random.PRNGKey(cfg.seed)
     kw = dict(feature_set=cfg.feature_set, output_init_scale=cfg.output_init_scale)
-    return (init_lopt_a(key, **kw) if cfg.optimizer == "lopt_a"
-            else init_lagg_a(key, cfg.workers, **kw))
+    theta = (init_lopt_a(key, **kw) if cfg.optimizer == "lopt_a"
+             else init_lagg_a(key, cfg.workers, **kw))
+    nominal = cfg.nominal()
+    return theta if nominal is None else nesterov_init(theta, *nominal)
   theta = pretrained.load(cfg.init_from, num_workers=cfg.workers)
   if theta.config.kind != cfg.optimizer:
     raise UsageError(f"--init-from {cfg.init_from} holds {theta.config.kind} weights, but "
@@ -294,7 +326,7 @@ def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
       "outer_steps": int(state.step), "outer_steps_planned": cfg.pes.outer_steps,
       "pes": dataclasses.asdict(cfg.pes),
       "tasks_per_estimate": cfg.tasks_per_estimate, "seed": cfg.seed,
-      "output_init_scale": cfg.output_init_scale,
+      "output_init_scale": cfg.output_init_scale, "nominal_init": cfg.nominal_init,
       # The workers' compression the weights were meta-trained for (None: uncompressed).
       "compress": (None if cfg.compressor() is None else cfg.compressor().spec()),
       "init_from": cfg.init_from,
