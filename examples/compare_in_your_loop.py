@@ -74,7 +74,9 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[optax.GradientTransform
       name = weights.get(m, f"{m}/fmnist_mlp_k{args.workers}_h{args.local_steps}")
       meta = ol.pretrained.load(name, num_workers=args.workers)
       tx = ol.lopt_a(meta) if m == "lopt_a" else ol.lagg_a(meta, args.workers)
-      out[m] = (tx, m == "lagg_a", args.local_lr)
+      # The workers' learning rate the weights were meta-trained with (their card says it).
+      info = ol.pretrained.metadata(name).get("info", {})
+      out[m] = (tx, m == "lagg_a", float(info.get("local_lr", args.local_lr)))
     else:
       raise ValueError(f"unknown method {m!r}; choose from local_sgd, slowmo, diloco, "
                        f"lopt_a, lagg_a")

@@ -130,20 +130,26 @@ def cmd_demo(args) -> int:
   return 0
 
 
-def cmd_meta_train(args) -> int:
+def meta_train_config(args):
+  """The :class:`~optax_localsgd.meta.train.MetaTrainConfig` of parsed ``meta-train`` flags."""
   from optax_localsgd.meta.problem import PESConfig
-  from optax_localsgd.meta.train import MetaTrainConfig, meta_train
+  from optax_localsgd.meta.train import MetaTrainConfig
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
                   lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip,
                   grad_clip=args.grad_clip)
-  cfg = MetaTrainConfig(
+  return MetaTrainConfig(
       optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
       checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from,
       feature_set=args.feature_set, output_init_scale=args.output_init_scale,
       compress=args.compress, nominal_init=args.nominal_init)
+
+
+def cmd_meta_train(args) -> int:
+  from optax_localsgd.meta.train import meta_train
+  cfg = meta_train_config(args)
   command = "optax-localsgd " + " ".join(args.argv)
   res = meta_train(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                    stop_after=args.stop_after, export_partial=args.export_partial,
