@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--eval-every", type=int, default=10)
   e.add_argument("--eval-dense-until", type=int, default=300,
                  help="evaluate after every round up to this one")
-  e.add_argument("--name", default=None, help="output name (default TASK_kK_hH)")
+  e.add_argument("--name", default=None,
+                 help="output name (default TASK_kK_hH; with --federated TASK_fed_nN_kK_aALPHA)")
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
   _add_compress_arg(e)
