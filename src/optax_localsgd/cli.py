@@ -1,9 +1,11 @@
 """The ``optax-localsgd`` command: ``train``, ``demo``, ``meta-train``, ``evaluate``, ``sweep``
-and ``publish``; ``optax-localsgd COMMAND --help`` documents each."""
+and ``publish``; ``optax-localsgd COMMAND --help`` documents each. ``train --federated`` and
+``evaluate --federated`` run the federated setting (:mod:`optax_localsgd.harness.federated`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -32,17 +34,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--task", default=d.task, choices=tasks.available_tasks(), metavar="TASK",
                  help=f"task name, one of: {', '.join(tasks.available_tasks())} "
                  f"(default {d.task})")
-  p.add_argument("--server", default=d.server, choices=servers.available_servers(),
-                 help=f"server optimizer (default {d.server})")
+  from optax_localsgd.harness.federated import FEDERATED_ONLY, FederatedTrainConfig
+  p.add_argument("--server", default=None,
+                 choices=sorted(servers.available_servers() + list(FEDERATED_ONLY)),
+                 help=f"server optimizer (default {d.server}; with --federated "
+                 f"{FederatedTrainConfig().server}; {', '.join(FEDERATED_ONLY)} need "
+                 f"--federated)")
   p.add_argument("--workers", "-K", type=int, default=d.workers, help="number of workers K")
   p.add_argument("--local-steps", "-H", type=int, default=d.local_steps,
                  help="local steps per round H")
-  p.add_argument("--batch-size", "-B", type=int, default=d.batch_size,
-                 help="examples per worker per local step")
+  p.add_argument("--batch-size", "-B", type=int, default=None,
+                 help=f"examples per worker per local step (default {d.batch_size}; with "
+                 f"--federated {FederatedTrainConfig().batch_size})")
   p.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds")
   p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--local-lr", type=float, default=d.local_lr,
-                 help="workers' SGD learning rate gamma")
+  p.add_argument("--local-lr", type=float, default=None,
+                 help=f"workers' SGD learning rate gamma (default {d.local_lr}; with "
+                 f"--federated {FederatedTrainConfig().local_lr}, or a learned optimizer's "
+                 f"meta-training one)")
   p.add_argument("--server-lr", type=float, default=None,
                  help="server learning rate (SlowMo's alpha; lr of local_sgd, diloco, fed*, "
                  "and of the data-parallel sgd/adam); default: the optimizer's own")
@@ -62,13 +71,73 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help="dataset directory (default: $OPTAX_LOCALSGD_DATA, the user cache, "
                  "/usr/share/datasets)")
   _add_compress_arg(p)
+  _add_federated_args(p)
+
+
+def _add_federated_args(p: argparse.ArgumentParser) -> None:
+  from optax_localsgd.harness.federated import FederatedTrainConfig
+  d = FederatedTrainConfig()
+  p.add_argument("--federated", action="store_true",
+                 help="the federated setting (docs/federated.md): N clients with Dirichlet "
+                 "label skew, K sampled per round, E local epochs of batches of B")
+  p.add_argument("--alpha", type=float, default=None,
+                 help="with --federated (required): Dirichlet concentration of the label skew, "
+                 "> 0 (the paper: 0.1 and 100)")
+  p.add_argument("--clients", type=int, default=None, metavar="N",
+                 help=f"with --federated: number of clients N (default {d.num_clients})")
+  p.add_argument("--clients-per-round", type=int, default=None, metavar="K",
+                 help=f"with --federated: clients sampled per round (default "
+                 f"{d.clients_per_round})")
+  p.add_argument("--local-epochs", type=float, default=None, metavar="E",
+                 help=f"with --federated: local epochs per round (default {d.local_epochs:g})")
+
+
+_FEDERATED_FLAGS = ("alpha", "clients", "clients_per_round", "local_epochs")
+
+
+def _flags(dests) -> str:
+  return ", ".join("--" + d.replace("_", "-") for d in dests)
+
+
+def _check_mode(args, not_federated: tuple[str, ...]) -> None:
+  """UsageError for a flag of the other mode: a federated one without --federated, or with it
+  one the federated setting has no use for (changed from its default)."""
+  if not args.federated:
+    given = [d for d in _FEDERATED_FLAGS if getattr(args, d) is not None]
+    if given:
+      raise UsageError(f"{_flags(given)} {'applies' if len(given) == 1 else 'apply'} only "
+                       f"with --federated.")
+    return
+  given = [d for d in not_federated if getattr(args, d) != args.subparser.get_default(d)]
+  if given:
+    raise UsageError(f"{_flags(given)} {'does' if len(given) == 1 else 'do'} not apply with "
+                     f"--federated (its flags: --clients, --clients-per-round, --alpha, "
+                     f"--local-epochs, -B; docs/federated.md).")
+  if args.alpha is None:
+    raise UsageError("--federated needs --alpha A, the Dirichlet concentration of the label "
+                     "skew (> 0; the paper: 0.1 and 100).")
+
+
+def _federated_config(args, **fields):
+  """The FederatedTrainConfig of the flags; a flag not given keeps the config's default."""
+  from optax_localsgd.harness.federated import FederatedTrainConfig
+  given = {"num_clients": args.clients, "clients_per_round": args.clients_per_round,
+           "local_epochs": args.local_epochs, "batch_size": args.batch_size, **fields}
+  return FederatedTrainConfig(
+      task=args.task, alpha=args.alpha, rounds=args.rounds, eval_every=args.eval_every,
+      data_dir=args.data_dir, **{k: v for k, v in given.items() if v is not None})
 
 
 def _config(args):
   from optax_localsgd.harness.trainer import TrainConfig
+  d = TrainConfig()
+  if args.server in ("fedavg", "scaffold"):
+    raise UsageError(f"--server {args.server} is a federated method: add --federated --alpha A.")
   return TrainConfig(
-      task=args.task, server=args.server, workers=args.workers, local_steps=args.local_steps,
-      batch_size=args.batch_size, rounds=args.rounds, seed=args.seed, local_lr=args.local_lr,
+      task=args.task, server=args.server or d.server, workers=args.workers,
+      local_steps=args.local_steps, batch_size=args.batch_size or d.batch_size,
+      rounds=args.rounds, seed=args.seed,
+      local_lr=d.local_lr if args.local_lr is None else args.local_lr,
       server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm,
       weight_decay=args.weight_decay, eval_every=args.eval_every, devices=args.devices,
       data_dir=args.data_dir, compress=args.compress)
@@ -109,12 +178,40 @@ def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None
 
 
 def cmd_train(args) -> int:
+  _check_mode(args, ("workers", "local_steps", "clip_norm", "weight_decay", "devices",
+                     "compress"))
+  if args.federated:
+    return _train_federated(args)
   from optax_localsgd.harness import trainer
   cfg = _config(args)
   meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights)
   hist = trainer.train(cfg, meta_params=meta, progress=not args.quiet)
   _write_outputs(pathlib.Path(args.out), "metrics", [hist],
                  f"{cfg.task}: {cfg.server}, K={cfg.workers}, H={cfg.local_steps}")
+  print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
+      "final_global_train_loss": hist["global_train_loss"][-1]}))
+  return 0
+
+
+def _train_federated(args) -> int:
+  from optax_localsgd.harness import federated
+  server = args.server or federated.FederatedTrainConfig().server
+  meta, local_lr = None, args.local_lr
+  if server in federated.LEARNED:
+    k = args.clients_per_round or federated.FederatedTrainConfig().clients_per_round
+    name = args.weights or federated.default_weights(server, args.task, k)
+    if name is None:
+      print(f"note: {server} runs with fresh, un-meta-trained weights (none bundled for "
+            f"{args.task}; pass --weights).", file=sys.stderr)
+    else:
+      meta, meta_lr = federated.load_learned(server, name, k)
+      local_lr = meta_lr if local_lr is None else local_lr
+  cfg = _federated_config(args, server=server, seed=args.seed, local_lr=local_lr,
+                          server_lr=args.server_lr, momentum=args.momentum)
+  hist = federated.train_federated(cfg, meta_params=meta, progress=not args.quiet)
+  _write_outputs(pathlib.Path(args.out), "metrics", [hist],
+                 f"{cfg.task}: {cfg.server}, N={cfg.num_clients}, K={cfg.clients_per_round}, "
+                 f"alpha={cfg.alpha:g}")
   print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
       "final_global_train_loss": hist["global_train_loss"][-1]}))
   return 0
@@ -173,17 +270,57 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
   return tuple(seeds)
 
 
-def cmd_evaluate(args) -> int:
-  from optax_localsgd.harness import evaluation, report, sweep
-  methods = tuple(args.methods.split(","))
-  from optax_localsgd import pretrained
-  weights = {m: name for m in methods if (name := pretrained.default_name(
-      m, args.task, args.workers, args.local_steps))}
+def _weights_flags(args, weights: dict) -> dict:
+  """``weights`` updated with the --weights METHOD=NAME_OR_PATH flags."""
   for w in args.weights or []:
     method, sep, name = w.partition("=")
     if not sep:
       raise UsageError(f"--weights expects METHOD=NAME_OR_PATH, got {w!r}.")
     weights[method] = name
+  return weights
+
+
+def _evaluate_federated(args) -> int:
+  from optax_localsgd.harness import federated, report
+  methods = tuple(args.methods.split(",")) if args.methods else federated.DEFAULT_METHODS
+  seeds = _parse_seeds(args.seeds)
+  setting = _federated_config(args, local_lr=args.local_lr)
+  weights = _weights_flags(args, {m: name for m in methods if (
+      name := federated.default_weights(m, setting.task, setting.clients_per_round))})
+  name = args.name or (f"{setting.task}_fed_n{setting.num_clients}_k"
+                       f"{setting.clients_per_round}_a{setting.alpha:g}")
+  runs = federated.run_all(setting, methods, seeds, weights, pathlib.Path(args.cache) / name,
+                           progress=not args.quiet)
+  summary = federated.summarize(runs)
+  command = "optax-localsgd " + " ".join(args.argv)
+  text = report.federated_markdown(setting, methods, seeds, summary, command)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{name}.md").write_text(text)
+  (out / f"{name}.json").write_text(json.dumps(
+      {"command": command, "setting": dataclasses.asdict(setting), "summary": summary},
+      indent=1) + "\n")
+  print(text)
+  print(f"wrote {out / (name + '.md')} and .json", file=sys.stderr)
+  return 0
+
+
+def cmd_evaluate(args) -> int:
+  _check_mode(args, ("workers", "local_steps", "hparams", "hparams_key", "target_loss",
+                     "eval_dense_until", "compress"))
+  if args.federated:
+    return _evaluate_federated(args)
+  if args.local_lr is not None:
+    raise UsageError("--local-lr applies with --federated; the baselines' tuned values come "
+                     "from --hparams.")
+  from optax_localsgd.harness import evaluation, report, sweep
+  args.batch_size = args.batch_size or 128
+  methods = tuple((args.methods or ",".join(evaluation.BASELINES + evaluation.LEARNED))
+                  .split(","))
+  from optax_localsgd import pretrained
+  weights = {m: name for m in methods if (name := pretrained.default_name(
+      m, args.task, args.workers, args.local_steps))}
+  _weights_flags(args, weights)
   cfg = evaluation.EvalConfig(
       task=args.task, workers=args.workers, local_steps=args.local_steps,
       batch_size=args.batch_size, rounds=args.rounds, seeds=_parse_seeds(args.seeds),
@@ -272,12 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
       description="Local SGD with learned and hand-designed server optimizers.")
   sub = ap.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train one task with one server optimizer",
-                     description="Train a task with K workers x H local steps per round; "
-                     "writes OUT/metrics.json and OUT/metrics.png.")
+                     description="Train a task with K workers x H local steps per round, "
+                     "or with --federated K of N clients per round; writes OUT/metrics.json "
+                     "and OUT/metrics.png.")
   _add_train_args(t)
   t.add_argument("--out", default="runs/train", help="output directory")
   t.add_argument("--quiet", action="store_true", help="no progress bar")
-  t.set_defaults(fn=cmd_train)
+  t.set_defaults(fn=cmd_train, subparser=t)
   d = sub.add_parser("demo", help="compare server optimizers on real Fashion-MNIST",
                      description="Fashion-MNIST 2-layer MLP, K=8, H=4, B=128: local SGD and "
                      "SlowMo with the paper's tuned hyperparameters, DiLoCo with the package's "
@@ -352,11 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
       description="Train every method on held-out seeds and write OUT/NAME.md (table), "
       "OUT/NAME.json (per-seed metrics) and OUT/NAME.png (curves). Runs are cached in "
       "CACHE/NAME/, so an interrupted evaluation resumes. Training loss = the global model's "
-      "loss on a fixed 10,000-example training subset.")
+      "loss on a fixed 10,000-example training subset. With --federated: FedAvg, FedAdam, "
+      "FedYogi, FedAdagrad, SCAFFOLD and LOpt-A on N Dirichlet-skewed clients, a table of "
+      "final test accuracy in OUT/NAME.md and OUT/NAME.json (docs/federated.md).")
   _add_setting_args(e)
   e.add_argument("--rounds", type=int, default=1000)
   e.add_argument("--seeds", default="100-109", help="e.g. 100-109 or 100,101")
-  e.add_argument("--methods", default="local_sgd,slowmo,diloco,sgd,adam,lopt_a,lagg_a")
+  e.add_argument("--methods", default=None,
+                 help="comma-separated (default local_sgd,slowmo,diloco,sgd,adam,lopt_a,lagg_a;"
+                 " with --federated fedavg,fedadam,fedyogi,fedadagrad,scaffold,lopt_a)")
   e.add_argument("--weights", action="append", metavar="METHOD=NAME_OR_PATH",
                  help="weights of a learned method (default: the bundled "
                  "METHOD/TASK_kK_hH when it exists)")
@@ -368,11 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--eval-every", type=int, default=10)
   e.add_argument("--eval-dense-until", type=int, default=300,
                  help="evaluate after every round up to this one")
-  e.add_argument("--name", default=None, help="output name (default TASK_kK_hH)")
+  e.add_argument("--name", default=None,
+                 help="output name (default TASK_kK_hH; with --federated TASK_fed_nN_kK_aALPHA)")
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
   _add_compress_arg(e)
-  e.set_defaults(fn=cmd_evaluate)
+  _add_federated_args(e)
+  from optax_localsgd.harness.federated import FederatedTrainConfig
+  e.add_argument("--local-lr", type=float, default=None,
+                 help=f"with --federated: the baselines' client learning rate (default "
+                 f"{FederatedTrainConfig().local_lr}); learned optimizers use their "
+                 f"meta-training one")
+  # -B defaults to 128, or with --federated to the paper's B = 20 (FederatedTrainConfig).
+  e.set_defaults(fn=cmd_evaluate, subparser=e, batch_size=None)
   s = sub.add_parser(
       "sweep", help="tune the baselines over the paper's grids (appendix D)",
       description="Successive halving over the grids of optax_localsgd.harness.sweep; the winners "
@@ -408,8 +558,10 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   args.argv = argv
   for name in ("workers", "local_steps", "batch_size", "rounds", "eval_every", "devices",
-               "outer_steps", "tasks_per_estimate", "truncation", "checkpoint_every"):
-    if getattr(args, name, 1) < 1:
+               "outer_steps", "tasks_per_estimate", "truncation", "checkpoint_every",
+               "clients", "clients_per_round"):
+    value = getattr(args, name, None)  # None: not given, the config's default
+    if value is not None and value < 1:
       print(f"optax-localsgd: error: --{name.replace('_', '-')} must be >= 1.", file=sys.stderr)
       return 2
   try:

@@ -9,7 +9,9 @@ evaluations and their reports.
   (``tuned_hparams.json`` ships next to it);
 * :mod:`~optax_localsgd.harness.evaluation`, :mod:`~optax_localsgd.harness.report`:
   ``optax-localsgd evaluate``: learned against tuned optimizers, tables and curves;
-* :mod:`~optax_localsgd.harness.demo`: ``optax-localsgd demo``.
+* :mod:`~optax_localsgd.harness.demo`: ``optax-localsgd demo``;
+* :mod:`~optax_localsgd.harness.federated`: ``optax-localsgd train --federated`` and
+  ``evaluate --federated``: N Dirichlet-skewed clients, K sampled per round.
 
 The library (``optax_localsgd.lopt_a`` and the rest) never imports it.
 """

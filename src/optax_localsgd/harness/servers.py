@@ -65,6 +65,14 @@ def available_servers() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def defaults(name: str) -> tuple[float | None, float | None]:
+  """``(server_lr, momentum)`` that :func:`make_server` uses for ``name`` when given ``None``
+  (``None`` where the optimizer has no such hyperparameter)."""
+  if name not in _REGISTRY:
+    raise UsageError(f"Unknown server {name!r}; available: {', '.join(available_servers())}.")
+  return _REGISTRY[name][1], _REGISTRY[name][2]
+
+
 def make_server(name: str, *, num_workers: int, local_learning_rate: float,
                 server_learning_rate: float | None = None, momentum: float | None = None,
                 meta_params: MetaParams | None = None, seed: int = 0) -> Server:

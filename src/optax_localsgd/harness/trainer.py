@@ -8,6 +8,7 @@ dispatches once per chunk; minibatches are sampled and gathered on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -103,9 +104,17 @@ def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_s
   return engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
 
 
+@functools.lru_cache(maxsize=None)
+def _metrics_fn(task: tasks.Task) -> Callable:
+  # One jitted function per task (Task is a frozen dataclass: equal specs hash alike), so the
+  # runs of an evaluation or a sweep, and a run's training and test batches, share one
+  # compilation instead of compiling the same metrics twice per run.
+  return jax.jit(lambda p, b: (task.loss(p, b), task.accuracy(p, b)))
+
+
 def make_evaluator(task: tasks.Task, batches: list[dict]):
   """``evaluate(params) -> (mean loss, mean accuracy)`` over fixed batches (example-weighted)."""
-  metrics = jax.jit(lambda p, b: (task.loss(p, b), task.accuracy(p, b)))
+  metrics = _metrics_fn(task)
   sizes = np.asarray([len(b["x"]) for b in batches], np.float64)
 
   def evaluate(params) -> tuple[float, float]:

@@ -1,0 +1,114 @@
+"""``optax-localsgd train --federated`` and ``evaluate --federated`` (issue 16), on real
+Fashion-MNIST cut among 20 clients; tiny runs: 4 clients a round, a few rounds, a twentieth of
+an epoch per client (about 8 local steps)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from optax_localsgd import cli
+from optax_localsgd.errors import UsageError
+from optax_localsgd.harness import federated
+
+TINY = ["--alpha", "0.5", "--clients", "20", "--clients-per-round", "4", "--local-epochs",
+        "0.05", "--quiet"]
+
+
+def _finite(xs):
+  return all(math.isfinite(x) for x in xs)
+
+
+@pytest.mark.parametrize("server", ["scaffold", "fedadam"])
+def test_train_federated_writes_a_history_with_finite_losses(server, tmp_path, capsys):
+  assert cli.main(["train", "--federated", "--server", server, "--rounds", "3",
+                   "--eval-every", "3", "--out", str(tmp_path), *TINY]) == 0
+  (hist,) = json.loads((tmp_path / "metrics.json").read_text())
+  assert hist["label"] == server and hist["rounds"] == [1, 2, 3]
+  assert hist["eval_rounds"] == [0, 3] and len(hist["train_loss"]) == 3
+  assert _finite(hist["train_loss"]) and _finite(hist["global_train_loss"])
+  assert hist["global_train_loss"][-1] < hist["global_train_loss"][0]  # it trains
+  assert 0.0 <= hist["test_accuracy"] <= 1.0 and math.isfinite(hist["test_loss"])
+  cfg = hist["config"]
+  assert (cfg["server"], cfg["num_clients"], cfg["clients_per_round"], cfg["alpha"],
+          cfg["batch_size"]) == (server, 20, 4, 0.5, 20)  # B defaults to the paper's 20
+  assert hist["server_hparams"]["server_lr"] == (1.0 if server == "scaffold" else 1e-2)
+  assert 1 <= hist["clients"]["sizes"][0] <= hist["clients"]["sizes"][2]
+  assert json.loads(capsys.readouterr().out)["test_accuracy"] == hist["test_accuracy"]
+
+
+def test_evaluate_federated_writes_a_table_with_every_method(tmp_path, capsys, monkeypatch):
+  methods = "fedavg,fedadam,fedyogi,fedadagrad,scaffold,lopt_a"
+  args = ["evaluate", "--federated", "--methods", methods, "--seeds", "1", "--rounds", "2",
+          "--eval-every", "2", "--name", "tiny", "--out", str(tmp_path / "out"),
+          "--cache", str(tmp_path / "cache"), *TINY]
+  assert cli.main(args) == 0
+  md = (tmp_path / "out" / "tiny.md").read_text()
+  for label in ("FedAvg", "FedAdam", "FedYogi", "FedAdagrad", "SCAFFOLD", "LOpt-A"):
+    assert f"| {label} | 0." in md, md  # a test accuracy for every method
+  assert "N = 20 clients, K = 4 per round, Dirichlet alpha = 0.5" in md
+  res = json.loads((tmp_path / "out" / "tiny.json").read_text())
+  assert list(res["summary"]) == methods.split(",")
+  for m, row in res["summary"].items():
+    mean, _, n = row["test_accuracy"]
+    assert n == 1 and 0.0 < mean <= 1.0 and row["per_seed"][0]["seed"] == 1, m
+  # LOpt-A: the bundled weights, whose clients train at their meta-training local lr.
+  assert res["summary"]["lopt_a"]["hparams"] == {"local_lr": 0.3,
+                                                 "weights": "lopt_a/fmnist_mlp_k8_h4"}
+  assert res["summary"]["fedavg"]["hparams"] == {"local_lr": 0.1, "server_lr": 1.0}
+  # The same command again reads every run from the cache and trains nothing.
+  monkeypatch.setattr(federated, "train_federated", lambda *a, **k: pytest.fail("retrained"))
+  capsys.readouterr()
+  assert cli.main(args) == 0
+  assert json.loads((tmp_path / "out" / "tiny.json").read_text())["summary"] == res["summary"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["train", "--federated", "--alpha", "0"], "alpha (the Dirichlet concentration) must be"),
+    (["train", "--federated", "--alpha", "-1"], "must be a finite number > 0, got -1.0"),
+    (["train", "--federated", "--alpha", "1", "--clients", "4", "--clients-per-round", "10"],
+     "clients_per_round K=10 exceeds num_clients N=4"),
+    (["train", "--federated"], "--federated needs --alpha A"),
+    (["train", "--alpha", "1"], "--alpha applies only with --federated"),
+    (["train", "--server", "scaffold"], "--server scaffold is a federated method"),
+    (["train", "--federated", "--alpha", "1", "-K", "4"], "--workers does not apply"),
+    (["train", "--federated", "--alpha", "1", "--server", "sgd"],
+     "It is a data-parallel baseline"),
+    (["train", "--federated", "--alpha", "1", "--local-epochs", "0"], "local_epochs must be"),
+    (["train", "--federated", "--alpha", "1", "--clients-per-round", "0"],
+     "--clients-per-round must be >= 1"),
+    (["train", "--federated", "--alpha", "1", "--server", "fedavg", "--server-lr", "2"],
+     "fedavg has no server learning rate"),
+    (["train", "--federated", "--alpha", "1", "--task", "text_lm"], "not a classification"),
+    (["evaluate", "--federated", "--alpha", "1", "--clients", "4", "--clients-per-round", "5"],
+     "K=5 exceeds num_clients N=4"),
+    (["evaluate", "--federated", "--alpha", "0.1", "--methods", "fedavg,adam"],
+     "Unknown federated methods ['adam']"),
+    (["evaluate", "--federated", "--alpha", "1", "--compress", "quantize:4"],
+     "--compress does not apply"),
+    (["evaluate", "--alpha", "1"], "--alpha applies only with --federated"),
+])
+def test_bad_input_is_a_clear_usage_error(args, msg, capsys):
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("optax-localsgd: error: ") and msg in err, err
+
+
+def test_more_clients_than_examples_is_a_usage_error():
+  cfg = federated.FederatedTrainConfig(num_clients=70_000, alpha=1.0, rounds=1)
+  with pytest.raises(UsageError, match="Cannot partition fmnist_mlp's training split"):
+    federated.train_federated(cfg, progress=False)
+
+
+def test_the_same_seed_gives_the_same_history():
+  cfg = federated.FederatedTrainConfig(server="fedadam", num_clients=20, clients_per_round=4,
+                                       alpha=0.5, local_epochs=0.05, rounds=2, eval_every=2)
+  runs = [federated.train_federated(c, progress=False)
+          for c in (cfg, cfg, dataclasses.replace(cfg, seed=1))]
+  for h in runs:
+    h.pop("wall_s")
+  assert runs[0] == runs[1]
+  # Another seed: another partition and init, so other numbers.
+  assert runs[2]["clients"] != runs[0]["clients"]
+  assert runs[2]["train_loss"] != runs[0]["train_loss"]
