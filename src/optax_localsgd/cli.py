@@ -5,13 +5,12 @@ and ``publish``; ``optax-localsgd COMMAND --help`` documents each. ``train --fed
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
 from collections.abc import Callable
 
-from optax_localsgd import compression, tasks
+from optax_localsgd import cli_federated, compression, tasks
 from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
 from optax_localsgd.errors import UsageError
 from optax_localsgd.harness import servers
@@ -71,61 +70,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help="dataset directory (default: $OPTAX_LOCALSGD_DATA, the user cache, "
                  "/usr/share/datasets)")
   _add_compress_arg(p)
-  _add_federated_args(p)
-
-
-def _add_federated_args(p: argparse.ArgumentParser) -> None:
-  from optax_localsgd.harness.federated import FederatedTrainConfig
-  d = FederatedTrainConfig()
-  p.add_argument("--federated", action="store_true",
-                 help="the federated setting (docs/federated.md): N clients with Dirichlet "
-                 "label skew, K sampled per round, E local epochs of batches of B")
-  p.add_argument("--alpha", type=float, default=None,
-                 help="with --federated (required): Dirichlet concentration of the label skew, "
-                 "> 0 (the paper: 0.1 and 100)")
-  p.add_argument("--clients", type=int, default=None, metavar="N",
-                 help=f"with --federated: number of clients N (default {d.num_clients})")
-  p.add_argument("--clients-per-round", type=int, default=None, metavar="K",
-                 help=f"with --federated: clients sampled per round (default "
-                 f"{d.clients_per_round})")
-  p.add_argument("--local-epochs", type=float, default=None, metavar="E",
-                 help=f"with --federated: local epochs per round (default {d.local_epochs:g})")
-
-
-_FEDERATED_FLAGS = ("alpha", "clients", "clients_per_round", "local_epochs")
-
-
-def _flags(dests) -> str:
-  return ", ".join("--" + d.replace("_", "-") for d in dests)
-
-
-def _check_mode(args, not_federated: tuple[str, ...]) -> None:
-  """UsageError for a flag of the other mode: a federated one without --federated, or with it
-  one the federated setting has no use for (changed from its default)."""
-  if not args.federated:
-    given = [d for d in _FEDERATED_FLAGS if getattr(args, d) is not None]
-    if given:
-      raise UsageError(f"{_flags(given)} {'applies' if len(given) == 1 else 'apply'} only "
-                       f"with --federated.")
-    return
-  given = [d for d in not_federated if getattr(args, d) != args.subparser.get_default(d)]
-  if given:
-    raise UsageError(f"{_flags(given)} {'does' if len(given) == 1 else 'do'} not apply with "
-                     f"--federated (its flags: --clients, --clients-per-round, --alpha, "
-                     f"--local-epochs, -B; docs/federated.md).")
-  if args.alpha is None:
-    raise UsageError("--federated needs --alpha A, the Dirichlet concentration of the label "
-                     "skew (> 0; the paper: 0.1 and 100).")
-
-
-def _federated_config(args, **fields):
-  """The FederatedTrainConfig of the flags; a flag not given keeps the config's default."""
-  from optax_localsgd.harness.federated import FederatedTrainConfig
-  given = {"num_clients": args.clients, "clients_per_round": args.clients_per_round,
-           "local_epochs": args.local_epochs, "batch_size": args.batch_size, **fields}
-  return FederatedTrainConfig(
-      task=args.task, alpha=args.alpha, rounds=args.rounds, eval_every=args.eval_every,
-      data_dir=args.data_dir, **{k: v for k, v in given.items() if v is not None})
+  cli_federated.add_federated_args(p)
 
 
 def _config(args):
@@ -178,40 +123,16 @@ def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None
 
 
 def cmd_train(args) -> int:
-  _check_mode(args, ("workers", "local_steps", "clip_norm", "weight_decay", "devices",
+  cli_federated.check_mode(args, ("workers", "local_steps", "clip_norm", "weight_decay", "devices",
                      "compress"))
   if args.federated:
-    return _train_federated(args)
+    return cli_federated.train_federated(args)
   from optax_localsgd.harness import trainer
   cfg = _config(args)
   meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights)
   hist = trainer.train(cfg, meta_params=meta, progress=not args.quiet)
   _write_outputs(pathlib.Path(args.out), "metrics", [hist],
                  f"{cfg.task}: {cfg.server}, K={cfg.workers}, H={cfg.local_steps}")
-  print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
-      "final_global_train_loss": hist["global_train_loss"][-1]}))
-  return 0
-
-
-def _train_federated(args) -> int:
-  from optax_localsgd.harness import federated
-  server = args.server or federated.FederatedTrainConfig().server
-  meta, local_lr = None, args.local_lr
-  if server in federated.LEARNED:
-    k = args.clients_per_round or federated.FederatedTrainConfig().clients_per_round
-    name = args.weights or federated.default_weights(server, args.task, k)
-    if name is None:
-      print(f"note: {server} runs with fresh, un-meta-trained weights (none bundled for "
-            f"{args.task}; pass --weights).", file=sys.stderr)
-    else:
-      meta, meta_lr = federated.load_learned(server, name, k)
-      local_lr = meta_lr if local_lr is None else local_lr
-  cfg = _federated_config(args, server=server, seed=args.seed, local_lr=local_lr,
-                          server_lr=args.server_lr, momentum=args.momentum)
-  hist = federated.train_federated(cfg, meta_params=meta, progress=not args.quiet)
-  _write_outputs(pathlib.Path(args.out), "metrics", [hist],
-                 f"{cfg.task}: {cfg.server}, N={cfg.num_clients}, K={cfg.clients_per_round}, "
-                 f"alpha={cfg.alpha:g}")
   print(json.dumps({k: hist.get(k) for k in ("label", "wall_s", "test_accuracy")} | {
       "final_global_train_loss": hist["global_train_loss"][-1]}))
   return 0
@@ -280,36 +201,11 @@ def _weights_flags(args, weights: dict) -> dict:
   return weights
 
 
-def _evaluate_federated(args) -> int:
-  from optax_localsgd.harness import federated, report
-  methods = tuple(args.methods.split(",")) if args.methods else federated.DEFAULT_METHODS
-  seeds = _parse_seeds(args.seeds)
-  setting = _federated_config(args, local_lr=args.local_lr)
-  weights = _weights_flags(args, {m: name for m in methods if (
-      name := federated.default_weights(m, setting.task, setting.clients_per_round))})
-  name = args.name or (f"{setting.task}_fed_n{setting.num_clients}_k"
-                       f"{setting.clients_per_round}_a{setting.alpha:g}")
-  runs = federated.run_all(setting, methods, seeds, weights, pathlib.Path(args.cache) / name,
-                           progress=not args.quiet)
-  summary = federated.summarize(runs)
-  command = "optax-localsgd " + " ".join(args.argv)
-  text = report.federated_markdown(setting, methods, seeds, summary, command)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{name}.md").write_text(text)
-  (out / f"{name}.json").write_text(json.dumps(
-      {"command": command, "setting": dataclasses.asdict(setting), "summary": summary},
-      indent=1) + "\n")
-  print(text)
-  print(f"wrote {out / (name + '.md')} and .json", file=sys.stderr)
-  return 0
-
-
 def cmd_evaluate(args) -> int:
-  _check_mode(args, ("workers", "local_steps", "hparams", "hparams_key", "target_loss",
+  cli_federated.check_mode(args, ("workers", "local_steps", "hparams", "hparams_key", "target_loss",
                      "eval_dense_until", "compress"))
   if args.federated:
-    return _evaluate_federated(args)
+    return cli_federated.evaluate_federated(args)
   if args.local_lr is not None:
     raise UsageError("--local-lr applies with --federated; the baselines' tuned values come "
                      "from --hparams.")
@@ -515,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
   _add_compress_arg(e)
-  _add_federated_args(e)
+  cli_federated.add_federated_args(e)
   from optax_localsgd.harness.federated import FederatedTrainConfig
   e.add_argument("--local-lr", type=float, default=None,
                  help=f"with --federated: the baselines' client learning rate (default "
