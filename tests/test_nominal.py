@@ -29,9 +29,10 @@ def _deltas(key, rounds, scale, k=None):
 
 def _run(tx, deltas, params):
   state = tx.init(params)
+  update = jax.jit(tx.update)  # one compilation for all the rounds
   ups = []
   for d in deltas:
-    u, state = tx.update(d, state, params)
+    u, state = update(d, state, params)
     ups.append(u)
     params = optax.apply_updates(params, u)
   return ups
