@@ -54,9 +54,9 @@ def main() -> None:
           va="top", fontsize=12, fontweight="bold")
 
   # Top: the entry points for people running experiments.
-  box(ax, 0.25, 0.74, "harness/", "servers by name, trainer,\nsweep, evaluation, report,\ndemo",
+  box(ax, 0.25, 0.74, "harness/", "servers by name, trainer,\nsweep, evaluation, report,\ndemo, federated",
       "#f3e3c3", h=0.16)
-  box(ax, 0.55, 0.74, "cli.py", "optax-localsgd train, demo,\nmeta-train, evaluate,\nsweep, publish",
+  box(ax, 0.55, 0.74, "cli.py", "optax-localsgd train, demo,\nmeta-train, evaluate,\nsweep, publish (+ cli_federated)",
       "#f3e3c3", h=0.16)
   arrow(ax, (0.55, 0.82), (0.25 + W + 0.004, 0.82), colour="#b07a1a")
 
