@@ -30,6 +30,11 @@ def test_train_federated_writes_a_history_with_finite_losses(server, tmp_path, c
   assert _finite(hist["train_loss"]) and _finite(hist["global_train_loss"])
   assert hist["global_train_loss"][-1] < hist["global_train_loss"][0]  # it trains
   assert 0.0 <= hist["test_accuracy"] <= 1.0 and math.isfinite(hist["test_loss"])
+  # The test-accuracy curve (Figure 17) is taken at the evaluation rounds; its last point is
+  # the final model's.
+  assert len(hist["eval_test_accuracy"]) == 2
+  assert hist["eval_test_accuracy"][-1] == hist["test_accuracy"]
+  assert hist["eval_test_accuracy"][0] != hist["eval_test_accuracy"][1]
   cfg = hist["config"]
   assert (cfg["server"], cfg["num_clients"], cfg["clients_per_round"], cfg["alpha"],
           cfg["batch_size"]) == (server, 20, 4, 0.5, 20)  # B defaults to the paper's 20
@@ -48,6 +53,8 @@ def test_evaluate_federated_writes_a_table_with_every_method(tmp_path, capsys, m
   for label in ("FedAvg", "FedAdam", "FedYogi", "FedAdagrad", "SCAFFOLD", "LOpt-A"):
     assert f"| {label} | 0." in md, md  # a test accuracy for every method
   assert "N = 20 clients, K = 4 per round, Dirichlet alpha = 0.5" in md
+  assert "](tiny.png)" in md
+  assert (tmp_path / "out" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   res = json.loads((tmp_path / "out" / "tiny.json").read_text())
   assert list(res["summary"]) == methods.split(",")
   for m, row in res["summary"].items():

@@ -106,13 +106,17 @@ def evaluate_federated(args) -> int:
                            progress=not args.quiet)
   summary = federated.summarize(runs)
   command = "optax-localsgd " + " ".join(args.argv)
-  text = report.federated_markdown(setting, methods, seeds, summary, command)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  plotted = cli._save_plot(lambda p: report.plot_federated(setting, methods, runs, p),
+                           out / f"{name}.png")
+  text = report.federated_markdown(setting, methods, seeds, summary, command,
+                                   f"{name}.png" if plotted else None)
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(
       {"command": command, "setting": dataclasses.asdict(setting), "summary": summary},
       indent=1) + "\n")
   print(text)
-  print(f"wrote {out / (name + '.md')} and .json", file=sys.stderr)
+  print(f"wrote {out / (name + '.md')}, .json" + (" and .png" if plotted else ""),
+        file=sys.stderr)
   return 0

@@ -101,13 +101,46 @@ def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
   fig.savefig(path, dpi=120)
 
 
+def plot_federated(setting, methods: Sequence[str], runs: Mapping[str, list[dict]],
+                   path: pathlib.Path) -> None:
+  """The paper's Figure 17 for one alpha: the global model's test accuracy against
+  communication rounds, mean over seeds (line) and min-max band, per method; beside it the
+  training loss on the fixed subset (log scale)."""
+  from optax_localsgd.harness.federated import LABELS
+  fig = figure(figsize=(11, 4.2), layout="constrained")
+  ax_a, ax_l = fig.subplots(1, 2)
+  for m in methods:
+    hists = runs[m]
+    rounds = np.asarray(hists[0]["eval_rounds"])
+    for ax, key in ((ax_a, "eval_test_accuracy"), (ax_l, "global_train_loss")):
+      ys = np.asarray([h[key] for h in hists if len(h.get(key, ())) == len(rounds)],
+                      np.float64)
+      if not len(ys):
+        continue  # no test split on disk, or every seed stopped early
+      (line,) = ax.plot(rounds, np.nanmean(ys, 0), label=LABELS[m], lw=1.4)
+      ax.fill_between(rounds, np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.15,
+                      color=line.get_color(), lw=0)
+  ax_a.set(xlabel="communication round", ylabel="test accuracy (global model, full test split)")
+  ax_l.set(xlabel="communication round", ylabel="training loss (global model, fixed subset)",
+           yscale="log")
+  for ax in (ax_a, ax_l):
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  n = len(next(iter(runs.values())))
+  fig.suptitle(f"{setting.task}, N={setting.num_clients}, K={setting.clients_per_round}, "
+               f"alpha={setting.alpha:g}: mean over {n} seeds, band = min-max")
+  fig.savefig(path, dpi=110)
+
+
 def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
-                       summary: Mapping[str, Mapping[str, Any]], command: str) -> str:
+                       summary: Mapping[str, Mapping[str, Any]], command: str,
+                       png: str | None = None) -> str:
   """The results page of ``optax-localsgd evaluate --federated``: setting, command, table of
   final test accuracy (and final training loss) per method, and the hyperparameters.
 
   ``setting`` is the :class:`~optax_localsgd.harness.federated.FederatedTrainConfig` the runs
-  share (its ``server`` and ``seed`` are replaced per run).
+  share (its ``server`` and ``seed`` are replaced per run); ``png`` the curves' file name,
+  linked below the table when given.
   """
   from optax_localsgd.harness.federated import LABELS
   n = len(seeds)
@@ -146,4 +179,6 @@ def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
   ]
   lines += [f"- {LABELS[m]}: `{json.dumps(summary[m]['hparams'], sort_keys=True)}`"
             for m in methods]
+  if png:
+    lines += ["", f"![test accuracy and training loss against rounds]({png})"]
   return "\n".join(lines) + "\n"
