@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
       "CACHE/NAME/, so an interrupted evaluation resumes. Training loss = the global model's "
       "loss on a fixed 10,000-example training subset. With --federated: FedAvg, FedAdam, "
       "FedYogi, FedAdagrad, SCAFFOLD and LOpt-A on N Dirichlet-skewed clients, a table of "
-      "final test accuracy in OUT/NAME.md and OUT/NAME.json (docs/federated.md).")
+      "final test accuracy in OUT/NAME.md and OUT/NAME.json, test-accuracy curves (the "
+      "paper's Figure 17) in OUT/NAME.png (docs/federated.md).")
   _add_setting_args(e)
   e.add_argument("--rounds", type=int, default=1000)
   e.add_argument("--seeds", default="100-109", help="e.g. 100-109 or 100,101")
