@@ -128,6 +128,25 @@ def test_weight_decay_leaves_the_decay_offsets_alone():
                              rtol=1e-6)
 
 
+def test_perturb_meta_trains_only_the_named_leaves():
+  """--perturb w2,b2,decay_offsets: the other leaves get no perturbation, no estimate and no step
+  (not even AdamW's weight decay); the named ones move."""
+  cfg = tiny(pes=dict(perturb=("w2", "b2", "decay_offsets"), weight_decay=0.1, lr_init=1e-2,
+                      lr_peak=1e-2))
+  groups, datas, state = _setup(cfg)
+  step = jax.jit(make_outer_step(groups, cfg.pes))
+  new, metrics = step(state, datas)
+  new, metrics = step(new, datas)
+  assert bool(metrics["grad_finite"])
+  for k in ("w0", "b0", "w1", "b1"):
+    np.testing.assert_array_equal(np.asarray(new.theta.mlp[k]), np.asarray(state.theta.mlp[k]))
+  for k in ("w2", "b2"):
+    assert np.abs(np.asarray(new.theta.mlp[k]) - np.asarray(state.theta.mlp[k])).max() > 1e-4
+  assert np.abs(np.asarray(new.theta.decay_offsets - state.theta.decay_offsets)).max() > 1e-4
+  with pytest.raises(ValueError, match="unknown leaves"):
+    PESConfig(perturb=("w3",))
+
+
 def test_divergence_guard_clips_round_losses_and_restarts_pairs_at_the_cap():
   """A cap below every loss the task reaches: each round is clipped, so the meta-loss is the
   cap, the antithetic differences (and the gradient) are zero, and every pair restarts."""
@@ -240,6 +259,8 @@ def test_init_from_starts_at_the_given_weights(tmp_path):
      "grad_clip must be a positive finite number"),
     (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--output-init-scale", "-1"],
      "output_init_scale must be a finite number >= 0"),
+    (["--optimizer", "lopt_a", "--task", "fmnist_mlp", "--perturb", "w2,w9"],
+     "--perturb 'w2,w9': unknown leaves ['w9']"),
 ])
 def test_bad_flags(args, msg, tmp_path, capsys):
   assert cli.main(["meta-train", *args, "--out", str(tmp_path / "o")]) == 2

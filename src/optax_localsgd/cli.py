@@ -148,6 +148,18 @@ def cmd_demo(args) -> int:
   return 0
 
 
+def _perturb_leaves(flag: str | None) -> tuple[str, ...] | None:
+  from optax_localsgd.meta.problem import LEAVES
+  if flag is None or flag == "all":
+    return None
+  leaves = tuple(x.strip() for x in flag.split(",") if x.strip())
+  bad = [x for x in leaves if x not in LEAVES]
+  if bad or not leaves:
+    raise UsageError(f"--perturb {flag!r}: unknown leaves {bad or '(none given)'}; give a "
+                     f"comma-separated subset of {','.join(LEAVES)}, or all.")
+  return leaves
+
+
 def meta_train_config(args):
   """The :class:`~optax_localsgd.meta.train.MetaTrainConfig` of parsed ``meta-train`` flags."""
   from optax_localsgd.meta.problem import PESConfig
@@ -155,7 +167,7 @@ def meta_train_config(args):
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
                   lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip,
-                  grad_clip=args.grad_clip)
+                  grad_clip=args.grad_clip, perturb=_perturb_leaves(args.perturb))
   return MetaTrainConfig(
       optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
       local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
@@ -352,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "loss at initialisation and restart pairs that stay there (default: off)")
   m.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
                  help="clip each PES estimate to this global norm before AdamW (default: off)")
+  m.add_argument("--perturb", default=None, metavar="LEAVES",
+                 help="meta-train only these leaves of the optimizer, comma-separated from "
+                 "w0,b0,w1,b1,w2,b2,decay_offsets (default all, the paper); fewer perturbed "
+                 "weights give less noisy PES estimates (docs/meta.md)")
   m.add_argument("--seed", type=int, default=0)
   m.add_argument("--feature-set", default="ada-v2", choices=("ada-v2", "ada-v1"),
                  help="features of a fresh init (default ada-v2, the authors' semantics)")

@@ -26,6 +26,10 @@ from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.transforms import lagg_a, lopt_a
 
 
+# The leaves of θ by name: the MLP's weights and biases, and the decay offsets.
+LEAVES = ("w0", "b0", "w1", "b1", "w2", "b2", "decay_offsets")
+
+
 @dataclasses.dataclass(frozen=True)
 class PESConfig:
   """Meta-training hyperparameters (paper appendix B defaults).
@@ -45,6 +49,11 @@ class PESConfig:
       clipped at ``loss_clip`` times the task's loss at initialisation
       (:attr:`TaskGroup.init_loss`), so one runaway particle cannot dominate the estimate,
       and a pair restarts when either particle sat at that cap for the whole truncation.
+    perturb: meta-train only these leaves of θ (names from :data:`LEAVES`); the others are
+      neither perturbed nor stepped (not in the paper; ``None``: all of θ, the paper). An
+      antithetic ES estimate's noise grows with the number of perturbed coordinates, so a
+      subset, e.g. the output layer around a nominal init, gets more signal per estimate
+      (``docs/meta.md``, round 4).
   """
   sigma: float = 0.01
   truncation: int = 50
@@ -58,6 +67,20 @@ class PESConfig:
   weight_decay: float = 1e-4
   loss_clip: float | None = None
   grad_clip: float | None = None
+  perturb: tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    if self.perturb is not None:
+      bad = [x for x in self.perturb if x not in LEAVES]
+      if bad or not self.perturb:
+        raise ValueError(f"perturb: unknown leaves {bad or '(none given)'}; choose from "
+                         f"{', '.join(LEAVES)}.")
+
+  def trainable(self, theta: MetaParams) -> MetaParams:
+    """A θ-shaped tree of bools: the leaves this configuration meta-trains."""
+    keep = LEAVES if self.perturb is None else self.perturb
+    return dataclasses.replace(
+        theta, mlp={k: k in keep for k in theta.mlp}, decay_offsets="decay_offsets" in keep)
 
   def optimizer(self) -> optax.GradientTransformation:
     """The outer optimizer: [clip] + AdamW (decay offsets excluded from weight decay), wrapped
@@ -69,6 +92,11 @@ class PESConfig:
     adamw = optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=mask)
     inner = adamw if self.grad_clip is None else optax.chain(
         optax.clip_by_global_norm(self.grad_clip), adamw)
+    if self.perturb is not None:
+      # Frozen leaves get no step at all (no weight decay either), whatever their estimate.
+      labels = lambda theta: jax.tree.map(lambda m: "train" if m else "freeze",
+                                          self.trainable(theta))
+      inner = optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
     # Large max_consecutive_errors: never give up and step with a non-finite estimate.
     return optax.apply_if_finite(inner, max_consecutive_errors=2**30)
 
@@ -221,6 +249,9 @@ def make_outer_step(groups: tuple[TaskGroup, ...], pcfg: PESConfig):
     for gi, (group, gs, data) in enumerate(zip(groups, state.groups, datas)):
       k_eps, k_reset = jax.random.split(jax.random.fold_in(k_step, gi))
       eps = pes.sample_perturbation(k_eps, theta, group.num_tasks, pcfg.sigma)
+      if pcfg.perturb is not None:
+        eps = jax.tree.map(lambda e, m: e if m else jnp.zeros_like(e), eps,
+                           pcfg.trainable(theta))
       cap = group.loss_cap(pcfg)
       unroll = _unroll_fn(group, pcfg.truncation, data, cap)
       est = pes.antithetic_pes(

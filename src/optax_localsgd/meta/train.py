@@ -160,6 +160,10 @@ class MetaTrainConfig:
       d["pes"].pop("loss_clip")  # likewise
     if self.pes.grad_clip is None:
       d["pes"].pop("grad_clip")  # likewise
+    if self.pes.perturb is None:
+      d["pes"].pop("perturb")  # likewise
+    else:
+      d["pes"]["perturb"] = list(self.pes.perturb)
     # Fields added later leave the identity when at the value older runs implicitly had.
     if self.feature_set == "ada-v1":
       d.pop("feature_set")
