@@ -10,7 +10,7 @@ import pytest
 
 from optax_localsgd import cli
 from optax_localsgd.errors import UsageError
-from optax_localsgd.harness import federated
+from optax_localsgd.harness import federated, report
 
 TINY = ["--alpha", "0.5", "--clients", "20", "--clients-per-round", "4", "--local-epochs",
         "0.05", "--quiet"]
@@ -119,3 +119,25 @@ def test_the_same_seed_gives_the_same_history():
   # Another seed: another partition and init, so other numbers.
   assert runs[2]["clients"] != runs[0]["clients"]
   assert runs[2]["train_loss"] != runs[0]["train_loss"]
+
+
+def test_a_diverged_run_is_counted_apart_not_averaged_as_chance_accuracy():
+  def hist(seed, losses, acc):
+    return {"config": {"seed": seed, "local_lr": 0.1}, "server_hparams": {"server_lr": 1.0},
+            "eval_rounds": [10, 20, 30][:len(losses)], "global_train_loss": losses,
+            "test_accuracy": acc}
+  runs = {"scaffold": [hist(1, [0.5, 0.4, 0.3], 0.8), hist(2, [0.5, 9.0, math.nan], 0.1),
+                       hist(3, [0.5, math.inf], 0.1)],
+          "fedavg": [hist(s, [0.5, 0.3, 0.2], 0.9) for s in (1, 2, 3)]}
+  table = federated.summarize(runs)
+  sc = table["scaffold"]
+  assert [s["diverged_at_round"] for s in sc["per_seed"]] == [None, 30, 20]
+  assert sc["test_accuracy"][0] == pytest.approx(0.8) and sc["test_accuracy"][2] == 1
+  assert sc["final_train_loss"][0] == pytest.approx(0.3)
+  setting = federated.FederatedTrainConfig(alpha=0.1, rounds=30)
+  md = report.federated_markdown(setting, ["fedavg", "scaffold"], [1, 2, 3], table, "cmd")
+  assert "| FedAvg | 0.9000 ± 0.0000 | 0.2000 ± 0.0000 | – |" in md, md
+  assert "| SCAFFOLD | 0.8000 (1/3) | 0.3000 (1/3) | 2/3 (round 20–30) |" in md, md
+  runs["scaffold"] = runs["scaffold"][1:]
+  md = report.federated_markdown(setting, ["scaffold"], [2, 3], federated.summarize(runs), "c")
+  assert "| SCAFFOLD | – | – | 2/2 (round 20–30) |" in md, md

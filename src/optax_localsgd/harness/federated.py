@@ -332,13 +332,29 @@ def run_all(setting: FederatedTrainConfig, methods: Sequence[str], seeds: Sequen
   return out
 
 
+def diverged_at(hist: Mapping[str, Any]) -> int | None:
+  """The first eval round at which a run's global training loss is not finite, else None."""
+  for r, loss in zip(hist["eval_rounds"], hist["global_train_loss"]):
+    if loss is None or not math.isfinite(loss):
+      return int(r)
+  return None
+
+
 def summarize(runs: Mapping[str, list[dict]]) -> dict[str, dict[str, Any]]:
   """Per method: per-seed and mean ± SE (:func:`evaluation.mean_se`) final test accuracy and
-  final global training loss, and the hyperparameters of its runs."""
+  final global training loss over the seeds that did not diverge, the round at which each
+  diverged one stopped (``diverged_at_round``), and the hyperparameters of its runs."""
   table = {}
   for m, hists in runs.items():
-    per_seed = [{"seed": h["config"]["seed"], "test_accuracy": h.get("test_accuracy"),
-                 "final_train_loss": float(h["global_train_loss"][-1])} for h in hists]
+    per_seed = []
+    for h in hists:
+      diverged = diverged_at(h)
+      # A diverged run stopped with non-finite weights: its "final" accuracy is chance level
+      # and says nothing, so it is left out of the means and counted apart.
+      per_seed.append({"seed": h["config"]["seed"], "diverged_at_round": diverged,
+                       "test_accuracy": None if diverged else h.get("test_accuracy"),
+                       "final_train_loss": None if diverged
+                       else float(h["global_train_loss"][-1])})
     h0 = hists[0]
     hp = {"local_lr": h0["config"]["local_lr"], **h0["server_hparams"]}
     if h0.get("weights"):

@@ -14,10 +14,11 @@ from optax_localsgd.harness import evaluation
 from optax_localsgd.util.plotting import figure
 
 
-def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = False) -> str:
+def _fmt(stat: Sequence[float], n_total: int, digits: int, *, count: bool = False,
+         empty: str | None = None) -> str:
   mean, se, n = stat
   if n == 0:
-    return "not reached" if count else "–"
+    return empty or ("not reached" if count else "–")
   s = f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
   return s + (f" ({n}/{n_total})" if count and n < n_total else "")
 
@@ -157,16 +158,21 @@ def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
       command,
       "```",
       "",
-      "| optimizer | test accuracy | final training loss |",
-      "| --- | --- | --- |",
+      "| optimizer | test accuracy | final training loss | diverged |",
+      "| --- | --- | --- | --- |",
   ]
   for m in methods:
     row = summary[m]
-    lines.append(f"| {LABELS[m]} | {_fmt(row['test_accuracy'], n, 4)} | "
-                 f"{_fmt(row['final_train_loss'], n, 4)} |")
+    stopped = [s["diverged_at_round"] for s in row["per_seed"] if s.get("diverged_at_round")]
+    diverged = (f"{len(stopped)}/{n} (round {min(stopped)}"
+                + (f"–{max(stopped)})" if max(stopped) > min(stopped) else ")")) if stopped else "–"
+    lines.append(f"| {LABELS[m]} | {_fmt(row['test_accuracy'], n, 4, count=True, empty='–')} | "
+                 f"{_fmt(row['final_train_loss'], n, 4, count=True, empty='–')} | {diverged} |")
   lines += [
       "",
-      "Mean ± standard error over seeds. Each seed fixes the Dirichlet partition of the "
+      "Mean ± standard error over the seeds that did not diverge (`(n/N)`: only n of the N "
+      "did). *Diverged*: runs whose global training loss became non-finite, and the round at "
+      "which they stopped. Each seed fixes the Dirichlet partition of the "
       "training split among the clients, the initial model, the clients sampled every round and "
       "their minibatches; every method sees the same ones. *Test accuracy*: the final global "
       "model on the full test split. *Training loss*: the final global model's cross-entropy on "
