@@ -36,7 +36,8 @@ def _run_dir(tmp_path, meta, **info):
   ol.pretrained.save(run / "weights.safetensors", meta, {
       "command": COMMAND, "K": 8, "H": 4, "batch_size": 128, "local_lr": 0.3,
       "tasks": ["fmnist_mlp"], "outer_steps": 120, "outer_steps_planned": 300,
-      "tasks_per_estimate": 4, "pes": {"truncation": 10, "min_inner": 50, "max_inner": 500},
+      "tasks_per_estimate": 4, "pes": {"truncation": 10, "min_inner": 50, "max_inner": 500,
+                                     "outer_steps": 300},  # the schedule, as meta-train writes it
       **info})
   return run
 

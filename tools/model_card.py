@@ -30,8 +30,10 @@ PAPER_RECIPE = {"outer_steps": 5000, "tasks_per_estimate": 8, "truncation": 50,
 
 def _recipe_rows(info: Mapping[str, Any]) -> list[str]:
   pes = info.get("pes", {})
-  ours = {"outer_steps": info.get("outer_steps"),
-          "tasks_per_estimate": info.get("tasks_per_estimate"), **pes}
+  # The PES config's outer_steps is the schedule's length; info's is how many steps ran
+  # (fewer for a snapshot or a stopped run), which is what the card must show.
+  ours = {**pes, "outer_steps": info.get("outer_steps"),
+          "tasks_per_estimate": info.get("tasks_per_estimate")}
   rows = ["| setting | these weights | paper |", "| --- | --- | --- |"]
   for key, paper in PAPER_RECIPE.items():
     mine = ours.get(key)
