@@ -320,6 +320,9 @@ def run_all(setting: FederatedTrainConfig, methods: Sequence[str], seeds: Sequen
       if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fp:
+          # The fingerprint holds the weight file's sha256: the same file, whatever it was
+          # called when the run was cached, so the page names it as this call does.
+          cached["weights"] = weights.get(m)
           out[m].append(cached)
           continue
         log(f"{path.name}: configuration changed, rerunning.")
