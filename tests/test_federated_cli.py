@@ -61,7 +61,7 @@ def test_evaluate_federated_writes_a_table_with_every_method(tmp_path, capsys, m
     mean, _, n = row["test_accuracy"]
     assert n == 1 and 0.0 < mean <= 1.0 and row["per_seed"][0]["seed"] == 1, m
   # LOpt-A: the bundled weights, whose clients train at their meta-training local lr.
-  assert res["summary"]["lopt_a"]["hparams"] == {"local_lr": 0.3,
+  assert res["summary"]["lopt_a"]["hparams"] == {"local_lr": 0.1,
                                                  "weights": "lopt_a/fmnist_mlp_k8_h4"}
   assert res["summary"]["fedavg"]["hparams"] == {"local_lr": 0.1, "server_lr": 1.0}
   # The same command again reads every run from the cache and trains nothing.

@@ -20,10 +20,13 @@ from optax_localsgd.io import weights
 
 INFO = {"optimizer": "lopt_a", "K": 8, "H": 4, "tasks": ["fmnist_mlp"], "outer_steps": 3}
 FORMATS = ["safetensors", "npz"]
-# A copy of the bundled lopt_a/fmnist_mlp_k8_h4.npz as it shipped before safetensors.
+# A copy of the bundled lopt_a/fmnist_mlp_k8_h4.npz as it shipped before safetensors, and of
+# the safetensors file that replaced it (bundled until the round-4 weights of docs/meta.md).
 LEGACY = pathlib.Path(__file__).resolve().parent / "data"
 LEGACY_FILE = "legacy_lopt_a_fmnist_mlp_k8_h4.npz"
 LEGACY_SHA256 = "38294e9d6a8cb21867368912959fe7c54eecbd9ec8fb1751fdc2f835c7d1249e"
+SUCCESSOR_FILE = "legacy_lopt_a_fmnist_mlp_k8_h4.safetensors"
+SUCCESSOR_SHA256 = "31a6aa2a1e0b4935ec61b68f5672da3a1607c6e7adca2aa69ed92987156c8a7a"
 
 
 def _meta(kind="lopt_a"):
@@ -96,13 +99,15 @@ def test_both_formats_load_bit_identical(fmt, tmp_path, kind):
 
 def test_a_legacy_bundled_file_loads_with_the_numbers_of_its_safetensors_successor(tmp_path):
   legacy = LEGACY / LEGACY_FILE
-  assert pretrained.file_sha256(legacy) == LEGACY_SHA256  # the file that shipped
-  old, new = pretrained.load(legacy), pretrained.load("lopt_a/fmnist_mlp_k8_h4")
+  successor = LEGACY / SUCCESSOR_FILE
+  assert pretrained.file_sha256(legacy) == LEGACY_SHA256  # the files that shipped
+  assert pretrained.file_sha256(successor) == SUCCESSOR_SHA256
+  old, new = pretrained.load(legacy), pretrained.load(successor)
   assert old.config == new.config
   assert all(bits(old.mlp[k]) == bits(new.mlp[k]) for k in old.mlp)
   assert bits(old.decay_offsets) == bits(new.decay_offsets)
   for key in ("config", "info", "arrays_sha256"):
-    assert pretrained.metadata(legacy)[key] == pretrained.metadata("lopt_a/fmnist_mlp_k8_h4")[key]
+    assert pretrained.metadata(legacy)[key] == pretrained.metadata(successor)[key]
   # The tests' legacy writer is the old writer: it gives the shipped file byte for byte.
   info = pretrained.metadata(legacy)["info"]
   assert write_legacy_npz(tmp_path / "again.npz", old, info) == LEGACY_SHA256
