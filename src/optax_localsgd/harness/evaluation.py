@@ -150,22 +150,35 @@ def run_all(cfg: EvalConfig, hparams: Mapping[str, Any], cache_dir: pathlib.Path
     for seed in cfg.seeds:
       tc = run_config(cfg, m, seed, hparams, local_lrs.get(m))
       fp = _fingerprint(tc, shas.get(m))
-      path = cache_dir / f"{m}_seed{seed}.json"
-      if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("fingerprint") == fp:
-          out[m].append(cached)
-          continue
-        log(f"{path.name}: configuration changed, rerunning.")
-      hist = trainer.train(tc, meta_params=metas.get(m), progress=progress,
-                           label=f"{LABELS[m]} seed {seed}")
-      hist["fingerprint"] = fp
-      hist["weights"] = weights.get(m)
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text(json.dumps(hist) + "\n")
-      tmp.replace(path)  # atomic: an interruption never leaves a half-written cache file
-      out[m].append(hist)
+      out[m].append(cached_run(
+          cache_dir / f"{m}_seed{seed}.json", fp,
+          lambda: trainer.train(tc, meta_params=metas.get(m), progress=progress,
+                                label=f"{LABELS[m]} seed {seed}"),
+          weights=weights.get(m), log=log))
   return out
+
+
+def cached_run(path: pathlib.Path, fingerprint: str, train: Callable[[], dict], *,
+               weights: str | None, log: Callable[[str], None] = print) -> dict:
+  """The history cached at ``path`` if its fingerprint matches, else ``train()``'s, written
+  there atomically with its fingerprint (an interruption never leaves half a file).
+
+  ``weights`` (the name the learned method's weights were given, or None) is set on the
+  history either way: the fingerprint pins the weight file by its sha256, so a cached run used
+  this very file, whatever it was called when it was cached.
+  """
+  if path.is_file():
+    cached = json.loads(path.read_text())
+    if cached.get("fingerprint") == fingerprint:
+      cached["weights"] = weights
+      return cached
+    log(f"{path.name}: configuration changed, rerunning.")
+  hist = train()
+  hist["fingerprint"], hist["weights"] = fingerprint, weights
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(hist) + "\n")
+  tmp.replace(path)
+  return hist
 
 
 # --------------------------------------------------------------------------------------------

@@ -315,23 +315,11 @@ def run_all(setting: FederatedTrainConfig, methods: Sequence[str], seeds: Sequen
       sha = pretrained.file_sha256(pretrained.resolve(weights[m]))
     for seed in seeds:
       cfg = dataclasses.replace(setting, server=m, seed=int(seed), local_lr=lr)
-      fp = _fingerprint(cfg, sha)
-      path = cache_dir / f"{m}_seed{seed}.json"
-      if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("fingerprint") == fp:
-          # The fingerprint holds the weight file's sha256: the same file, whatever it was
-          # called when the run was cached, so the page names it as this call does.
-          cached["weights"] = weights.get(m)
-          out[m].append(cached)
-          continue
-        log(f"{path.name}: configuration changed, rerunning.")
-      hist = train_federated(cfg, meta, progress=progress, label=f"{LABELS[m]} seed {seed}")
-      hist["fingerprint"], hist["weights"] = fp, weights.get(m)
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text(json.dumps(hist) + "\n")
-      tmp.replace(path)  # atomic: an interruption never leaves a half-written cache file
-      out[m].append(hist)
+      out[m].append(evaluation.cached_run(
+          cache_dir / f"{m}_seed{seed}.json", _fingerprint(cfg, sha),
+          lambda: train_federated(cfg, meta, progress=progress,
+                                  label=f"{LABELS[m]} seed {seed}"),
+          weights=weights.get(m), log=log))
   return out
 
 
