@@ -342,10 +342,10 @@ def summarize(runs: Mapping[str, list[dict]]) -> dict[str, dict[str, Any]]:
       diverged = diverged_at(h)
       # A diverged run stopped with non-finite weights: its "final" accuracy is chance level
       # and says nothing, so it is left out of the means and counted apart.
+      ok = diverged is None  # round 0 (a non-finite init) is a divergence too
       per_seed.append({"seed": h["config"]["seed"], "diverged_at_round": diverged,
-                       "test_accuracy": None if diverged else h.get("test_accuracy"),
-                       "final_train_loss": None if diverged
-                       else float(h["global_train_loss"][-1])})
+                       "test_accuracy": h.get("test_accuracy") if ok else None,
+                       "final_train_loss": float(h["global_train_loss"][-1]) if ok else None})
     h0 = hists[0]
     hp = {"local_lr": h0["config"]["local_lr"], **h0["server_hparams"]}
     if h0.get("weights"):

@@ -133,6 +133,16 @@ def plot_federated(setting, methods: Sequence[str], runs: Mapping[str, list[dict
   fig.savefig(path, dpi=110)
 
 
+def _diverged_cell(per_seed: Sequence[Mapping[str, Any]], n_total: int) -> str:
+  """``k/N (round A–B)``: how many seeds diverged and the rounds they stopped at; ``–``: none."""
+  stopped = sorted(s["diverged_at_round"] for s in per_seed
+                   if s.get("diverged_at_round") is not None)
+  if not stopped:
+    return "–"
+  span = f"{stopped[0]}–{stopped[-1]}" if stopped[-1] > stopped[0] else f"{stopped[0]}"
+  return f"{len(stopped)}/{n_total} (round {span})"
+
+
 def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
                        summary: Mapping[str, Mapping[str, Any]], command: str,
                        png: str | None = None) -> str:
@@ -163,11 +173,9 @@ def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
   ]
   for m in methods:
     row = summary[m]
-    stopped = [s["diverged_at_round"] for s in row["per_seed"] if s.get("diverged_at_round")]
-    diverged = (f"{len(stopped)}/{n} (round {min(stopped)}"
-                + (f"–{max(stopped)})" if max(stopped) > min(stopped) else ")")) if stopped else "–"
     lines.append(f"| {LABELS[m]} | {_fmt(row['test_accuracy'], n, 4, count=True, empty='–')} | "
-                 f"{_fmt(row['final_train_loss'], n, 4, count=True, empty='–')} | {diverged} |")
+                 f"{_fmt(row['final_train_loss'], n, 4, count=True, empty='–')} | "
+                 f"{_diverged_cell(row['per_seed'], n)} |")
   lines += [
       "",
       "Mean ± standard error over the seeds that did not diverge (`(n/N)`: only n of the N "
