@@ -252,17 +252,18 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   ck_path = out / "checkpoint.npz"
+  # Checked before the data are loaded and the tasks set up, so the mistake is reported at once.
+  if resume and not ck_path.exists():
+    raise UsageError(f"--resume: no checkpoint at {ck_path}.")
+  if not resume and ck_path.exists():
+    raise UsageError(f"{ck_path} exists: pass --resume to continue that run, or choose "
+                     f"another --out.")
   groups, datas, state = _setup(cfg)
   log = {"config": cfg.identity(), "command": command or " ".join(sys.argv), "step": [],
          "meta_loss": [], "lr": [], "grad_norm": [], "nonfinite_pairs": [], "wall_s": []}
   if resume:
-    if not ck_path.exists():
-      raise UsageError(f"--resume: no checkpoint at {ck_path}.")
     state, meta = ckpt.load_checkpoint(ck_path, state, {"config": cfg.identity()})
     log = meta["log"]
-  elif ck_path.exists():
-    raise UsageError(f"{ck_path} exists: pass --resume to continue that run, or choose "
-                     f"another --out.")
 
   outer_step = _jitted_outer_step(groups, cfg.pes)
   start = int(state.step)
