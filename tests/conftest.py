@@ -11,6 +11,16 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+def cpu_devices_env(devices: int) -> dict[str, str]:
+  """``os.environ`` for a child JAX process with ``devices`` CPU devices. The parent's other XLA
+  flags (CI's backend optimisation level, see .ci/run) are kept, so a child compiles like the
+  parent does."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+
+
 # Shapes of rank 0, 1, 2 and 4 (a conv kernel), with ties between axis sizes.
 SHAPES = {"scalar": (), "bias": (7,), "dense": (5, 6), "conv": (3, 3, 4, 4)}
 

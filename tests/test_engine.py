@@ -1,6 +1,5 @@
 """The local-SGD round: same numbers on 1 device, 8 devices and 2 processes; input errors."""
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -14,14 +13,14 @@ import pytest
 
 import optax_localsgd as ol
 from optax_localsgd import engine
+from conftest import cpu_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("engine_script.py")
 SERVERS = ("local_sgd", "slowmo", "lopt_a", "lagg_a")
 
 
 def _run(out, devices, *extra, **popen):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = cpu_devices_env(devices)
   return subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), *extra], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

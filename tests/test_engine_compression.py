@@ -6,7 +6,6 @@ are counted; meta-training through a compressor runs.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import optax_localsgd as ol
 from optax_localsgd import cli, compression, engine, pretrained
 from optax_localsgd.harness import trainer
+from conftest import cpu_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("engine_script.py")
 K, H, B = 4, 3, 5
@@ -152,8 +152,7 @@ def test_state_mix_ups_are_clear_errors():
 
 
 def _script(out, devices, compress, servers, *extra):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = cpu_devices_env(devices)
   r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--compress", compress,
                       "--servers", servers, *extra], env=env, capture_output=True,
                      text=True, timeout=600)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import optax_localsgd as ol
 from optax_localsgd.transforms.learned import features
 import reference as ref
-from conftest import SHAPES, make_params, random_meta
+from conftest import make_params, random_meta
 
 
 @pytest.mark.parametrize("k, n_in, count", [(None, 39, 2402), (8, 46, 2626),

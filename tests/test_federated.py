@@ -1,6 +1,5 @@
 """The federated round (issue 16): client sampling, per-client epochs, mesh == vmap, errors."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import optax_localsgd as ol
 from optax_localsgd import baselines, engine
 from optax_localsgd.engine import federated
+from conftest import cpu_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("federated_script.py")
 
@@ -98,8 +98,7 @@ def test_small_clients_train_and_match_a_plain_loop():
 @pytest.fixture(scope="module")
 def placements(tmp_path_factory):
   out = tmp_path_factory.mktemp("federated") / "r.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_devices_env(8)
   p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], env=env,
                      capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]

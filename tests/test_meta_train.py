@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_localsgd import cli, engine, pretrained, tasks
-from optax_localsgd.meta.problem import (PESConfig, TaskGroup, evaluate_meta_loss,
-                                         make_outer_step)
+from optax_localsgd import cli, pretrained
+from optax_localsgd.meta.problem import PESConfig, evaluate_meta_loss, make_outer_step
 from optax_localsgd.meta.train import MetaTrainConfig, _setup, meta_train
 
 
@@ -283,7 +282,6 @@ def test_multi_task_meta_batch(tmp_path):
 
 
 def test_sigint_writes_a_checkpoint_that_resumes(tmp_path):
-  import os
   import signal
   import subprocess
   import sys

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import optax_localsgd as ol
-from conftest import SHAPES, make_params
+from conftest import make_params
 
 K = 8
 
