@@ -11,6 +11,12 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# A 16-unit MLP (12.7k weights) on real Fashion-MNIST, for tests of meta-training mechanics
+# (resume, guards, checkpoints, compressors, the GPU recipe) that do not depend on the
+# optimizee's width: each PES step is several times cheaper than on the paper's 2 x 128 MLP.
+SMALL_MLP = "fmnist_mlp:hidden=16"
+
+
 def cpu_devices_env(devices: int) -> dict[str, str]:
   """``os.environ`` for a child JAX process with ``devices`` CPU devices. The parent's other XLA
   flags (CI's backend optimisation level, see .ci/run) are kept, so a child compiles like the

@@ -19,7 +19,7 @@ import pytest
 import optax_localsgd as ol
 from optax_localsgd import cli, compression, engine, pretrained
 from optax_localsgd.harness import trainer
-from conftest import cpu_devices_env
+from conftest import SMALL_MLP, cpu_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("engine_script.py")
 K, H, B = 4, 3, 5
@@ -217,8 +217,7 @@ def test_meta_training_through_a_compressor(tmp_path, optimizer, compress):
   from optax_localsgd.meta.problem import PESConfig
   from optax_localsgd.meta.train import MetaTrainConfig, _setup, meta_train
   cfg = MetaTrainConfig(
-      optimizer=optimizer, tasks=("fmnist_mlp:hidden=16",), workers=2, local_steps=2,
-      batch_size=16,
+      optimizer=optimizer, tasks=(SMALL_MLP,), workers=2, local_steps=2, batch_size=16,
       tasks_per_estimate=2, checkpoint_every=1000, compress=compress,
       pes=PESConfig(truncation=3, min_inner=6, max_inner=12, outer_steps=3, warmup_steps=1))
   _, _, state = _setup(cfg)

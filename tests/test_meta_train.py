@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import SMALL_MLP
 from optax_localsgd import cli, pretrained
 from optax_localsgd.meta.problem import PESConfig, evaluate_meta_loss, make_outer_step
 from optax_localsgd.meta.train import MetaTrainConfig, _setup, meta_train
 
 
-# Real Fashion-MNIST, small models: what these tests check (resume, guards, checkpoints) does not
-# depend on the optimizee's width, and a 16-unit MLP (12.7k weights) makes each PES step several
-# times cheaper than the paper's 2 x 128 one. Most tests share tiny()'s configuration unchanged,
-# so one compiled outer step serves them (in-process cache, and JAX's persistent cache in CI).
-MLP = "fmnist_mlp:hidden=16"
+# Small models (conftest.SMALL_MLP). Most tests share tiny()'s configuration unchanged, so one
+# compiled outer step serves them (in-process cache, and JAX's persistent cache in CI).
 CNN = "fmnist_cnn:features=8x8,strides=2x2"
 
 
@@ -25,7 +23,7 @@ def tiny(**kw):
   pes = dict(truncation=3, min_inner=6, max_inner=12, outer_steps=4, warmup_steps=2,
              lr_peak=3e-3)
   pes.update(kw.pop("pes", {}))
-  base = dict(optimizer="lopt_a", tasks=(MLP,), workers=2, local_steps=2,
+  base = dict(optimizer="lopt_a", tasks=(SMALL_MLP,), workers=2, local_steps=2,
               batch_size=16, tasks_per_estimate=2, checkpoint_every=1000, pes=PESConfig(**pes))
   base.update(kw)
   return MetaTrainConfig(**base)
@@ -275,10 +273,10 @@ def test_bad_flags(args, msg, tmp_path, capsys):
 
 def test_multi_task_meta_batch(tmp_path):
   """One estimate over two architectures (MLP and CNN on the same data)."""
-  cfg = tiny(tasks=(MLP, CNN), pes=dict(outer_steps=2))
+  cfg = tiny(tasks=(SMALL_MLP, CNN), pes=dict(outer_steps=2))
   res = meta_train(cfg, tmp_path, progress=False)
   assert res["step"] == 2 and all(np.isfinite(res["log"]["meta_loss"]))
-  assert pretrained.metadata(res["weights"])["info"]["tasks"] == [MLP, CNN]
+  assert pretrained.metadata(res["weights"])["info"]["tasks"] == [SMALL_MLP, CNN]
 
 
 def test_sigint_writes_a_checkpoint_that_resumes(tmp_path):
@@ -287,7 +285,7 @@ def test_sigint_writes_a_checkpoint_that_resumes(tmp_path):
   import sys
   import time
   args = [sys.executable, "-m", "optax_localsgd.cli", "meta-train", "--optimizer", "lopt_a",
-          "--task", MLP, "-K", "2", "-H", "2", "-B", "16", "--tasks-per-estimate", "2",
+          "--task", SMALL_MLP, "-K", "2", "-H", "2", "-B", "16", "--tasks-per-estimate", "2",
           "--truncation", "3", "--min-inner", "6", "--max-inner", "12", "--outer-steps", "100000",
           "--checkpoint-every", "100000", "--out", str(tmp_path)]
   proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
