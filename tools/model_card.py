@@ -75,9 +75,10 @@ def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | N
       "",
   ]
   if reduced:
-    lines += ["**Reduced recipe.** These weights were meta-trained on a 2-core CPU, not with the "
-              "paper's recipe (which needs a GPU: about 70 s per outer step on that CPU, "
-              "see `benchmarks/results/`). The evaluation below shows what that costs.", ""]
+    where = f" on {info['device']}" if info.get("device") else ""
+    lines += [f"**Reduced recipe.** These weights were meta-trained{where} with fewer outer "
+              "steps or fewer tasks per estimate than the paper's recipe (the table below); "
+              "the evaluation shows what they do.", ""]
   if info.get("init_from"):
     lines += [f"**Fine-tuned.** Meta-training started from `{info['init_from']}` (sha256 "
               f"`{info.get('init_from_sha256')}`), not from a fresh init; the table and the "

@@ -342,6 +342,8 @@ def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
       "capped_pairs": sum(log.get("capped_pairs", [])),
       "nonfinite_grads": int(state.nonfinite_grads),
       "package_version": _version.__version__,
+      # Where the outer steps ran (the last call's device, e.g. "NVIDIA H200" or "cpu").
+      "device": jax.devices()[0].device_kind,
       # The command that started the run (a resumed or exported run keeps it).
       "command": log.get("command") or command or " ".join(sys.argv)})
   return path
