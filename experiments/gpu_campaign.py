@@ -8,7 +8,7 @@ time and always brings back what it has:
    meta-train``, snapshots every few steps, ``--time-budget`` for all of them), at the same
    time: a variant with a few tasks per estimate is a chain of small kernels that leaves most of
    a GPU idle, so several can share it.
-2. **Select** per optimizer: the final weights and a few snapshots of every variant are
+2. **Select** per optimizer and H: the final weights and a few snapshots of every variant are
    evaluated on the *selection* seeds 200-201 (300 rounds) against local SGD and tuned DiLoCo;
    the rule, fixed before any held-out number exists, is the highest speedup over local SGD,
    then the lowest final training loss (as in rounds 4-6 of ``docs/meta.md``).
@@ -54,14 +54,32 @@ NOMINAL = ("--task fmnist_mlp -K 8 -H 4 -B 128 --init nesterov:1.0,0.95 --local-
 OUTPUT = NOMINAL.replace("--lr-peak 1e-3", "--lr-peak 3e-3") + \
     " --perturb w2,b2,decay_offsets"
 
+# Round 8 (planned, not run yet): go on from round 7's bundled weights at a lower learning rate
+# with inner problems twice as long (round 7 ended behind DiLoCo in final loss after 1000
+# rounds), fine-tune LAgg-A for H = 16, and two more seeds of round 7's recipe (robustness).
+CONTINUE = ("--task fmnist_mlp -K 8 -H 4 -B 128 --local-lr 0.1 --outer-steps 1000 "
+            "--tasks-per-estimate 64 --truncation 50 --min-inner 100 --max-inner 2000 "
+            "--lr-peak 3e-4 --lr-end 3e-5 --warmup-steps 10 --loss-clip 1.5 --snapshot-every 100")
+
 VARIANTS = {
+    # Round 7 (docs/meta.md).
     "lopt_paper": f"--optimizer lopt_a {PAPER} --snapshot-every 250",
     "lagg_paper": f"--optimizer lagg_a {PAPER} --snapshot-every 250",
     "lopt_nom64": f"--optimizer lopt_a {NOMINAL} --snapshot-every 100",
     "lagg_nom64": f"--optimizer lagg_a {NOMINAL} --snapshot-every 100",
     "lopt_out64": f"--optimizer lopt_a {OUTPUT} --snapshot-every 100",
     "lagg_out64": f"--optimizer lagg_a {OUTPUT} --snapshot-every 100",
+    # Round 8.
+    "lopt_cont64": f"--optimizer lopt_a --init-from lopt_a/fmnist_mlp_k8_h4 {CONTINUE}",
+    "lagg_cont64": f"--optimizer lagg_a --init-from lagg_a/fmnist_mlp_k8_h4 {CONTINUE}",
+    "lagg_h16": ("--optimizer lagg_a --init-from lagg_a/fmnist_mlp_k8_h4 "
+                 + CONTINUE.replace("-H 4", "-H 16").replace("--max-inner 2000",
+                                                             "--max-inner 1000")),
+    "lopt_nom64_s1": f"--optimizer lopt_a {NOMINAL} --snapshot-every 100 --seed 1",
+    "lopt_nom64_s2": f"--optimizer lopt_a {NOMINAL} --snapshot-every 100 --seed 2",
 }
+ROUND7 = "lopt_paper,lagg_paper,lopt_nom64,lagg_nom64,lopt_out64,lagg_out64"
+ROUND8 = "lopt_cont64,lagg_cont64,lagg_h16,lopt_nom64_s1,lopt_nom64_s2"
 # What --scale tiny appends to every variant (argparse keeps the last value of a flag), and its
 # task (a repeated --task would add a task, not replace it).
 TINY = "--tasks-per-estimate 2 --truncation 2 --min-inner 4 --max-inner 8 --snapshot-every 1"
@@ -70,6 +88,20 @@ TINY_TASK = "fmnist_mlp:hidden=16"
 
 def optimizer_of(flags: str) -> str:
   return "lagg_a" if "lagg_a" in flags.split() else "lopt_a"
+
+
+def local_steps_of(flags: str) -> int:
+  """The variant's H (its last ``-H``/``--local-steps``; the meta-train default is 4)."""
+  words, h = flags.split(), 4
+  for i, w in enumerate(words[:-1]):
+    if w in ("-H", "--local-steps"):
+      h = int(words[i + 1])
+  return h
+
+
+def group_of(flags: str) -> str:
+  """What the selection picks one of: an optimizer at one H, e.g. ``lagg_a_h16``."""
+  return f"{optimizer_of(flags)}_h{local_steps_of(flags)}"
 
 
 class Clock:
@@ -115,10 +147,10 @@ def candidates(run: pathlib.Path, per_run: int) -> list[pathlib.Path]:
   return out + [pool[(i + 1) * len(pool) // n - 1] for i in range(n)] if n > 0 else out
 
 
-def evaluate_cmd(name: str, optimizer: str, weights: pathlib.Path, out: pathlib.Path,
-                 args, held_out: bool) -> list[str]:
+def evaluate_cmd(name: str, optimizer: str, local_steps: int, weights: pathlib.Path,
+                 out: pathlib.Path, args, held_out: bool) -> list[str]:
   cmd = [sys.executable, "-m", "optax_localsgd.cli", "evaluate", "--task", args.task,
-         "-K", "8", "-H", "4", "--quiet", "--name", name, "--cache", str(out / "cache"),
+         "-K", "8", "-H", str(local_steps), "--quiet", "--name", name, "--cache", str(out / "cache"),
          "--out", str(out), "--weights", f"{optimizer}={weights}"]
   if args.data_dir:
     cmd += ["--data-dir", args.data_dir]
@@ -159,7 +191,9 @@ def main(argv=None) -> int:
   ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
   ap.add_argument("--train-s", type=float, default=270, help="meta-training's time budget")
   ap.add_argument("--select-s", type=float, default=110, help="the selection stage's budget")
-  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--variants", default=ROUND8,
+                  help=f"comma-separated names from VARIANTS (default: round 8's, {ROUND8}; "
+                       f"round 7 ran {ROUND7})")
   ap.add_argument("--per-run", type=int, default=4, help="candidates per variant")
   ap.add_argument("--select-rounds", type=int, default=300)
   ap.add_argument("--heldout-seeds", default="100-109")
@@ -217,32 +251,32 @@ def main(argv=None) -> int:
   # 2. Select on seeds 200-201.
   sel_cmds, sel_of = {}, {}
   for n in names:
-    opt = optimizer_of(VARIANTS[n])
     for w in candidates(work / "runs" / n, args.per_run):
-      tag = f"{n}__{w.stem}"
-      sel_of[tag] = (n, opt, w)
+      sel_of[f"{n}__{w.stem}"] = (n, VARIANTS[n], w)
   # One process per variant, its candidates one after the other (the baselines come from the
   # process's cache after the first).
   for n in names:
     tags = [t for t in sel_of if sel_of[t][0] == n]
     if tags:
-      script = " && ".join(shlex.join(evaluate_cmd(t, sel_of[t][1], sel_of[t][2],
-                                                   work / "select" / n, args, False))
-                           for t in tags)
+      flags = VARIANTS[n]
+      script = " && ".join(shlex.join(evaluate_cmd(
+          t, optimizer_of(flags), local_steps_of(flags), sel_of[t][2], work / "select" / n,
+          args, False)) for t in tags)
       sel_cmds[n] = ["bash", "-c", script]
   budget = min(args.select_s, clock.left() - 30)
   run_all(sel_cmds, work / "logs" / "select", max(budget, 1), env)
   scores = {}
-  for t, (n, opt, w) in sel_of.items():
+  for t, (n, flags, w) in sel_of.items():
     j = work / "select" / n / f"{t}.json"
     if j.exists():
-      scores[t] = score(j, opt)
+      scores[t] = score(j, optimizer_of(flags))
   picks = {}
-  for opt in ("lopt_a", "lagg_a"):
-    mine = sorted((s, t) for t, s in scores.items() if sel_of[t][1] == opt)
+  for group in sorted({group_of(VARIANTS[n]) for n in names}):
+    mine = sorted((s, t) for t, s in scores.items() if group_of(sel_of[t][1]) == group)
     if mine:
-      picks[opt] = {"candidate": mine[0][1], "weights": str(sel_of[mine[0][1]][2]),
-                    "speedup": -mine[0][0][0], "final_loss": mine[0][0][1]}
+      picks[group] = {"candidate": mine[0][1], "weights": str(sel_of[mine[0][1]][2]),
+                      "flags": sel_of[mine[0][1]][1], "speedup": -mine[0][0][0],
+                      "final_loss": mine[0][0][1]}
   summary["stages"]["select"] = {"s": clock.elapsed(),
                                  "scores": {t: list(s) for t, s in scores.items()},
                                  "picks": picks}
@@ -252,13 +286,14 @@ def main(argv=None) -> int:
     return 0
 
   # 3. Held out: the picks, each in its own process.
-  held = {opt: evaluate_cmd(f"heldout_{opt}", opt, pathlib.Path(p["weights"]),
-                            work / "heldout", args, True) for opt, p in picks.items()}
-  for opt, cmd in held.items():  # separate caches: two processes never write one file
-    cmd[cmd.index("--cache") + 1] = str(work / "heldout" / f"cache_{opt}")
+  held = {g: evaluate_cmd(f"heldout_{g}", optimizer_of(p["flags"]), local_steps_of(p["flags"]),
+                          pathlib.Path(p["weights"]), work / "heldout", args, True)
+          for g, p in picks.items()}
+  for g, cmd in held.items():  # separate caches: two processes never write one file
+    cmd[cmd.index("--cache") + 1] = str(work / "heldout" / f"cache_{g}")
   run_all(held, work / "logs" / "heldout", max(clock.left() - 25, 1), env)
   summary["stages"]["heldout"] = {"s": clock.elapsed(), "done": {
-      opt: (work / "heldout" / f"heldout_{opt}.json").exists() for opt in held}}
+      g: (work / "heldout" / f"heldout_{g}.json").exists() for g in held}}
   pack(work, out, summary)
   print(json.dumps(summary, indent=1))
   return 0

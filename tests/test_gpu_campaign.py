@@ -54,6 +54,16 @@ def test_candidates_are_the_final_weights_and_spread_snapshots(campaign, tmp_pat
   assert campaign.optimizer_of(campaign.VARIANTS["lopt_paper"]) == "lopt_a"
 
 
+def test_each_optimizer_and_h_is_selected_and_evaluated_at_its_own_h(campaign):
+  # The selection picks one weight file per optimizer and H; H = 16 weights are evaluated at 16.
+  assert campaign.group_of(campaign.VARIANTS["lagg_h16"]) == "lagg_a_h16"
+  assert campaign.group_of(campaign.VARIANTS["lagg_cont64"]) == "lagg_a_h4"
+  assert campaign.group_of("--optimizer lopt_a --task fmnist_mlp") == "lopt_a_h4"
+  assert campaign.local_steps_of("-H 4 --local-steps 8") == 8
+  for name in campaign.ROUND7.split(",") + campaign.ROUND8.split(","):
+    assert name in campaign.VARIANTS
+
+
 def test_train_stage_packs_weights_logs_and_summary(campaign, tmp_path):
   out = tmp_path / "out"
   assert campaign.main(["--out", str(out), "--work", str(tmp_path / "work"), "--scale", "tiny",
