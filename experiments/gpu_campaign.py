@@ -39,6 +39,11 @@ import tarfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+try:
+  from optax_localsgd import cli
+except ImportError:  # the device machine has no installed package: this checkout's, as below
+  sys.path.insert(0, str(ROOT / "src"))
+  from optax_localsgd import cli
 
 # The paper's appendix-B recipe (experiments/gpu_full_recipe.sh), planned for 5000 steps.
 PAPER = ("--task fmnist_mlp -K 8 -H 4 -B 128 --outer-steps 5000 --tasks-per-estimate 8 "
@@ -86,22 +91,16 @@ TINY = "--tasks-per-estimate 2 --truncation 2 --min-inner 4 --max-inner 8 --snap
 TINY_TASK = "fmnist_mlp:hidden=16"
 
 
-def optimizer_of(flags: str) -> str:
-  return "lagg_a" if "lagg_a" in flags.split() else "lopt_a"
-
-
-def local_steps_of(flags: str) -> int:
-  """The variant's H (its last ``-H``/``--local-steps``; the meta-train default is 4)."""
-  words, h = flags.split(), 4
-  for i, w in enumerate(words[:-1]):
-    if w in ("-H", "--local-steps"):
-      h = int(words[i + 1])
-  return h
+def setting_of(flags: str) -> tuple[str, int]:
+  """The optimizer and H that ``meta-train FLAGS`` trains (read by the command's own parser)."""
+  args = cli.build_parser().parse_args(["meta-train", *shlex.split(flags), "--out", "-"])
+  return args.optimizer, args.local_steps
 
 
 def group_of(flags: str) -> str:
   """What the selection picks one of: an optimizer at one H, e.g. ``lagg_a_h16``."""
-  return f"{optimizer_of(flags)}_h{local_steps_of(flags)}"
+  optimizer, local_steps = setting_of(flags)
+  return f"{optimizer}_h{local_steps}"
 
 
 class Clock:
@@ -147,10 +146,13 @@ def candidates(run: pathlib.Path, per_run: int) -> list[pathlib.Path]:
   return out + [pool[(i + 1) * len(pool) // n - 1] for i in range(n)] if n > 0 else out
 
 
-def evaluate_cmd(name: str, optimizer: str, local_steps: int, weights: pathlib.Path,
-                 out: pathlib.Path, args, held_out: bool) -> list[str]:
+def evaluate_cmd(name: str, flags: str, weights: pathlib.Path, out: pathlib.Path,
+                 cache: pathlib.Path, args, held_out: bool) -> list[str]:
+  """``optax-localsgd evaluate`` of ``weights``, meta-trained by ``meta-train FLAGS``, at their
+  H: the selection protocol, or with ``held_out`` the published table's."""
+  optimizer, local_steps = setting_of(flags)
   cmd = [sys.executable, "-m", "optax_localsgd.cli", "evaluate", "--task", args.task,
-         "-K", "8", "-H", str(local_steps), "--quiet", "--name", name, "--cache", str(out / "cache"),
+         "-K", "8", "-H", str(local_steps), "--quiet", "--name", name, "--cache", str(cache),
          "--out", str(out), "--weights", f"{optimizer}={weights}"]
   if args.data_dir:
     cmd += ["--data-dir", args.data_dir]
@@ -238,9 +240,8 @@ def main(argv=None) -> int:
   runs = {}
   for n in names:
     log = work / "runs" / n / "log.json"
-    steps = json.loads(log.read_text())["step"] if log.exists() else []
-    walls = json.loads(log.read_text())["wall_s"] if log.exists() else []
-    runs[n] = {"rc": rcs[n], "steps": len(steps),
+    walls = json.loads(log.read_text())["wall_s"] if log.exists() else []  # one per step
+    runs[n] = {"rc": rcs[n], "steps": len(walls),
                "median_step_s": sorted(walls)[len(walls) // 2] if walls else None}
   summary["stages"]["train"] = {"s": clock.elapsed(), "runs": runs}
   pack(work, out, summary)
@@ -249,34 +250,33 @@ def main(argv=None) -> int:
     return 0
 
   # 2. Select on seeds 200-201.
-  sel_cmds, sel_of = {}, {}
-  for n in names:
-    for w in candidates(work / "runs" / n, args.per_run):
-      sel_of[f"{n}__{w.stem}"] = (n, VARIANTS[n], w)
+  sel_of = {f"{n}__{w.stem}": (n, w) for n in names
+            for w in candidates(work / "runs" / n, args.per_run)}
   # One process per variant, its candidates one after the other (the baselines come from the
   # process's cache after the first).
+  sel_cmds = {}
   for n in names:
-    tags = [t for t in sel_of if sel_of[t][0] == n]
-    if tags:
-      flags = VARIANTS[n]
-      script = " && ".join(shlex.join(evaluate_cmd(
-          t, optimizer_of(flags), local_steps_of(flags), sel_of[t][2], work / "select" / n,
-          args, False)) for t in tags)
+    sel = work / "select" / n
+    script = " && ".join(shlex.join(evaluate_cmd(t, VARIANTS[n], w, sel, sel / "cache", args,
+                                                 False))
+                         for t, (m, w) in sel_of.items() if m == n)
+    if script:
       sel_cmds[n] = ["bash", "-c", script]
   budget = min(args.select_s, clock.left() - 30)
   run_all(sel_cmds, work / "logs" / "select", max(budget, 1), env)
   scores = {}
-  for t, (n, flags, w) in sel_of.items():
+  for t, (n, w) in sel_of.items():
     j = work / "select" / n / f"{t}.json"
     if j.exists():
-      scores[t] = score(j, optimizer_of(flags))
+      scores[t] = score(j, setting_of(VARIANTS[n])[0])
   picks = {}
   for group in sorted({group_of(VARIANTS[n]) for n in names}):
-    mine = sorted((s, t) for t, s in scores.items() if group_of(sel_of[t][1]) == group)
+    mine = sorted((s, t) for t, s in scores.items() if group_of(VARIANTS[sel_of[t][0]]) == group)
     if mine:
-      picks[group] = {"candidate": mine[0][1], "weights": str(sel_of[mine[0][1]][2]),
-                      "flags": sel_of[mine[0][1]][1], "speedup": -mine[0][0][0],
-                      "final_loss": mine[0][0][1]}
+      (speed, loss), tag = mine[0]
+      n, w = sel_of[tag]
+      picks[group] = {"candidate": tag, "weights": str(w), "flags": VARIANTS[n],
+                      "speedup": -speed, "final_loss": loss}
   summary["stages"]["select"] = {"s": clock.elapsed(),
                                  "scores": {t: list(s) for t, s in scores.items()},
                                  "picks": picks}
@@ -286,11 +286,10 @@ def main(argv=None) -> int:
     return 0
 
   # 3. Held out: the picks, each in its own process.
-  held = {g: evaluate_cmd(f"heldout_{g}", optimizer_of(p["flags"]), local_steps_of(p["flags"]),
-                          pathlib.Path(p["weights"]), work / "heldout", args, True)
+  # Separate caches: two processes never write one file.
+  held = {g: evaluate_cmd(f"heldout_{g}", p["flags"], pathlib.Path(p["weights"]),
+                          work / "heldout", work / "heldout" / f"cache_{g}", args, True)
           for g, p in picks.items()}
-  for g, cmd in held.items():  # separate caches: two processes never write one file
-    cmd[cmd.index("--cache") + 1] = str(work / "heldout" / f"cache_{g}")
   run_all(held, work / "logs" / "heldout", max(clock.left() - 25, 1), env)
   summary["stages"]["heldout"] = {"s": clock.elapsed(), "done": {
       g: (work / "heldout" / f"heldout_{g}.json").exists() for g in held}}

@@ -50,8 +50,6 @@ def test_candidates_are_the_final_weights_and_spread_snapshots(campaign, tmp_pat
   assert campaign.candidates(run, 4) == [run / "weights.safetensors", snaps[2], snaps[5],
                                          snaps[8]]
   assert campaign.candidates(run, 1) == [run / "weights.safetensors"]
-  assert campaign.optimizer_of(campaign.VARIANTS["lagg_nom64"]) == "lagg_a"
-  assert campaign.optimizer_of(campaign.VARIANTS["lopt_paper"]) == "lopt_a"
 
 
 def test_each_optimizer_and_h_is_selected_and_evaluated_at_its_own_h(campaign):
@@ -59,7 +57,9 @@ def test_each_optimizer_and_h_is_selected_and_evaluated_at_its_own_h(campaign):
   assert campaign.group_of(campaign.VARIANTS["lagg_h16"]) == "lagg_a_h16"
   assert campaign.group_of(campaign.VARIANTS["lagg_cont64"]) == "lagg_a_h4"
   assert campaign.group_of("--optimizer lopt_a --task fmnist_mlp") == "lopt_a_h4"
-  assert campaign.local_steps_of("-H 4 --local-steps 8") == 8
+  assert campaign.setting_of("--optimizer lagg_a --task t -H 4 --local-steps 8") == ("lagg_a", 8)
+  assert campaign.setting_of(campaign.VARIANTS["lagg_nom64"]) == ("lagg_a", 4)
+  assert campaign.setting_of(campaign.VARIANTS["lopt_paper"]) == ("lopt_a", 4)
   for name in campaign.ROUND7.split(",") + campaign.ROUND8.split(","):
     assert name in campaign.VARIANTS
 
