@@ -12,8 +12,8 @@ time and always brings back what it has:
    evaluated on the *selection* seeds 200-201 (300 rounds) against local SGD and tuned DiLoCo;
    the rule, fixed before any held-out number exists, is the highest speedup over local SGD,
    then the lowest final training loss (as in rounds 4-6 of ``docs/meta.md``).
-3. **Held out**: the pick of each optimizer on seeds 100-109, 1000 rounds, against local SGD,
-   SlowMo and DiLoCo (``optax-localsgd evaluate``'s defaults, the published table's protocol).
+3. **Held out**: the pick of each optimizer and H on seeds 100-109, 1000 rounds, against local
+   SGD, SlowMo and DiLoCo (``optax-localsgd evaluate``'s defaults, the published table's protocol).
 
 Everything lands in ``OUT/campaign.tar.gz`` (weights, snapshots, meta-training logs, every
 evaluation's table and JSON) and ``OUT/summary.json``, after each stage, so a call cut short
