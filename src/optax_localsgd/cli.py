@@ -20,11 +20,14 @@ from optax_localsgd.harness import servers
 SWEEP_OUT = "runs/sweep/tuned_hparams.json"
 
 
-def _add_compress_arg(p: argparse.ArgumentParser) -> None:
+def _add_compress_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
   # Parsed by the configs (compression.from_spec), so a bad spec is one UsageError line.
-  p.add_argument("--compress", default=None, metavar="SPEC",
+  p.add_argument("--compress", default=None, metavar="SPEC" + (",SPEC..." if several else ""),
                  help=f"workers compress their deltas before sending them: "
-                 f"{compression.SPEC_HELP}; default: uncompressed (docs/compression.md)")
+                 f"{compression.SPEC_HELP}; default: uncompressed (docs/compression.md)"
+                 + ("; several, comma-separated (e.g. none,top_k:0.1,top_k:0.01): one page "
+                    "comparing them, with loss against bits sent (paper Figure 13)"
+                    if several else ""))
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -109,12 +112,15 @@ def _write_outputs(out: pathlib.Path, name: str, histories: list[dict], title: s
   print(f"wrote {out / (name + '.json')}" + (f" and {png}" if plotted else ""), file=sys.stderr)
 
 
-def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None):
-  """(MetaParams or None, description) for a learned server; None for the others."""
+def _learned_weights(server: str, task: str, k: int, h: int, weights: str | None,
+                     compress: str | None = None):
+  """(MetaParams or None, description) for a learned server; None for the others. With a
+  compressor, bundled weights meta-trained for it are preferred."""
   from optax_localsgd import pretrained
   if server not in ("lopt_a", "lagg_a"):
     return None, None
-  name = weights or pretrained.default_name(server, task, k, h)
+  comp = compression.from_flag(compress)
+  name = weights or pretrained.default_name(server, task, k, h, comp and comp.weights_tag())
   if name is None:
     print(f"note: {server} runs with fresh, un-meta-trained weights (no bundled "
           f"{server}/{task}_k{k}_h{h}; pass --weights).", file=sys.stderr)
@@ -129,7 +135,8 @@ def cmd_train(args) -> int:
     return cli_federated.train_federated(args)
   from optax_localsgd.harness import trainer
   cfg = _config(args)
-  meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights)
+  meta, _ = _learned_weights(cfg.server, cfg.task, cfg.workers, cfg.local_steps, args.weights,
+                             cfg.compress)
   hist = trainer.train(cfg, meta_params=meta, progress=not args.quiet)
   _write_outputs(pathlib.Path(args.out), "metrics", [hist],
                  f"{cfg.task}: {cfg.server}, K={cfg.workers}, H={cfg.local_steps}")
@@ -213,6 +220,46 @@ def _weights_flags(args, weights: dict) -> dict:
   return weights
 
 
+def _evaluation(args, methods: tuple[str, ...], compress: str | None, cache: pathlib.Path):
+  """One compressor's evaluation: its config, runs, summary and hyperparameter key.
+
+  With a compressor, the baselines take the entry ``KEY/SPEC`` of the hyperparameter file
+  (paper Table 6's values for top-k) and, where none is there, the uncompressed ``KEY``'s (the
+  page says they were borrowed); the learned optimizers take weights meta-trained for it where
+  they ship (``pretrained.default_name``).
+  """
+  from optax_localsgd import pretrained
+  from optax_localsgd.harness import evaluation, sweep
+  comp = compression.from_flag(compress)
+  spec = None if comp is None else comp.spec()
+  weights = {m: name for m in methods if (name := pretrained.default_name(
+      m, args.task, args.workers, args.local_steps, comp and comp.weights_tag()))}
+  _weights_flags(args, weights)
+  cfg = evaluation.EvalConfig(
+      task=args.task, workers=args.workers, local_steps=args.local_steps,
+      batch_size=args.batch_size, rounds=args.rounds, seeds=_parse_seeds(args.seeds),
+      methods=methods, weights=tuple(sorted(weights.items())), target_loss=args.target_loss,
+      eval_every=args.eval_every, eval_dense_until=args.eval_dense_until,
+      data_dir=args.data_dir, compress=spec)
+  base_key = sweep.SweepConfig(args.task, args.workers, args.local_steps, args.batch_size).key()
+  own_key = base_key if spec is None else f"{base_key}/{spec}"
+  path = pathlib.Path(args.hparams) if args.hparams else None
+  key = args.hparams_key or own_key
+  try:
+    hparams = sweep.tuned_hparams(key, path)
+  except UsageError:
+    if args.hparams_key or key == base_key:
+      raise
+    key, hparams = base_key, sweep.tuned_hparams(base_key, path)
+  runs = evaluation.run_all(cfg, hparams, cache, progress=not args.quiet)
+  summary = evaluation.summarize(cfg, runs)
+  for m in methods:
+    summary[m]["hparams"] = ({"weights": weights[m], "local_lr": runs[m][0]["config"]["local_lr"]}
+                             if m in weights else hparams[m])
+    summary[m]["bits_per_round"] = runs[m][0].get("bits_per_round")
+  return cfg, runs, summary, key, own_key
+
+
 def cmd_evaluate(args) -> int:
   cli_federated.check_mode(args, ("workers", "local_steps", "hparams", "hparams_key", "target_loss",
                      "eval_dense_until", "compress"))
@@ -221,39 +268,38 @@ def cmd_evaluate(args) -> int:
   if args.local_lr is not None:
     raise UsageError("--local-lr applies with --federated; the baselines' tuned values come "
                      "from --hparams.")
-  from optax_localsgd.harness import evaluation, report, sweep
+  from optax_localsgd.harness import compressed, evaluation, report
   args.batch_size = args.batch_size or 128
   methods = tuple((args.methods or ",".join(evaluation.BASELINES + evaluation.LEARNED))
                   .split(","))
-  from optax_localsgd import pretrained
-  weights = {m: name for m in methods if (name := pretrained.default_name(
-      m, args.task, args.workers, args.local_steps))}
-  _weights_flags(args, weights)
-  cfg = evaluation.EvalConfig(
-      task=args.task, workers=args.workers, local_steps=args.local_steps,
-      batch_size=args.batch_size, rounds=args.rounds, seeds=_parse_seeds(args.seeds),
-      methods=methods, weights=tuple(sorted(weights.items())), target_loss=args.target_loss,
-      eval_every=args.eval_every, eval_dense_until=args.eval_dense_until,
-      data_dir=args.data_dir, compress=args.compress)
-  own_key = sweep.SweepConfig(args.task, args.workers, args.local_steps, args.batch_size).key()
-  key = args.hparams_key or own_key
-  hparams = sweep.tuned_hparams(key, pathlib.Path(args.hparams) if args.hparams else None)
-  name = args.name or f"{args.task}_k{args.workers}_h{args.local_steps}"
-  runs = evaluation.run_all(cfg, hparams, pathlib.Path(args.cache) / name,
-                            progress=not args.quiet)
-  summary = evaluation.summarize(cfg, runs)
-  for m in methods:
-    summary[m]["hparams"] = ({"weights": weights[m], "local_lr": runs[m][0]["config"]["local_lr"]}
-                             if m in weights else hparams[m])
+  specs = [None if s.strip().lower() == "none" else s.strip()
+           for s in (args.compress or "none").split(",")]
+  comps = [compression.from_flag(s) for s in specs]  # every bad spec fails before any run
+  setting = f"{args.task}_k{args.workers}_h{args.local_steps}"
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  plotted = _save_plot(lambda p: report.plot_curves(cfg, runs, p), out / f"{name}.png")
   command = "optax-localsgd " + " ".join(args.argv)
-  text = report.markdown(cfg, summary, command, f"{name}.png" if plotted else None,
-                         borrowed_hparams_key=key if key != own_key else None)
+  if len(specs) > 1:
+    name = args.name or f"{setting}_compressed"
+    results = [_evaluation(args, methods, s, pathlib.Path(args.cache) / name / compressed.slug(
+        None if c is None else c.spec())) for s, c in zip(specs, comps)]
+    cfgs, runs, summaries, keys = ([r[i] for r in results] for i in range(4))
+    plotted = _save_plot(lambda p: compressed.plot(cfgs, runs, p), out / f"{name}.png")
+    text = compressed.markdown(cfgs, summaries, keys, command, f"{name}.png" if plotted else None)
+    payload = {"command": command, "settings": [
+        {"compress": c.compress, "hparams_key": k, "summary": s}
+        for c, k, s in zip(cfgs, keys, summaries)]}
+  else:
+    tag = "" if comps[0] is None else f"_{comps[0].weights_tag()}"
+    name = args.name or setting + tag
+    cfg, runs, summary, key, own_key = _evaluation(args, methods, specs[0],
+                                                   pathlib.Path(args.cache) / name)
+    plotted = _save_plot(lambda p: report.plot_curves(cfg, runs, p), out / f"{name}.png")
+    text = report.markdown(cfg, summary, command, f"{name}.png" if plotted else None,
+                           borrowed_hparams_key=key if key != own_key else None)
+    payload = {"command": command, "hparams_key": key, "summary": summary}
   (out / f"{name}.md").write_text(text)
-  (out / f"{name}.json").write_text(json.dumps(
-      {"command": command, "hparams_key": key, "summary": summary}, indent=1) + "\n")
+  (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
   print(text)
   print(f"wrote {out / (name + '.md')}, .json" + (" and .png" if plotted else ""),
         file=sys.stderr)
@@ -424,10 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--eval-dense-until", type=int, default=300,
                  help="evaluate after every round up to this one")
   e.add_argument("--name", default=None,
-                 help="output name (default TASK_kK_hH; with --federated TASK_fed_nN_kK_aALPHA)")
+                 help="output name (default TASK_kK_hH, with one --compress TASK_kK_hH_TAG, with "
+                 "several TASK_kK_hH_compressed; with --federated TASK_fed_nN_kK_aALPHA)")
   e.add_argument("--cache", default="runs/eval")
   e.add_argument("--out", default="docs/results")
-  _add_compress_arg(e)
+  _add_compress_arg(e, several=True)
   cli_federated.add_federated_args(e)
   from optax_localsgd.harness.federated import FederatedTrainConfig
   e.add_argument("--local-lr", type=float, default=None,

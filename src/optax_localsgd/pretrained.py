@@ -47,11 +47,22 @@ def available() -> list[str]:
   return locate.available()
 
 
-def default_name(method: str, task: str, k: int, h: int) -> str | None:
+def default_name(method: str, task: str, k: int, h: int,
+                 tag: str | None = None) -> str | None:
   """The bundled weights for ``method`` (``"lopt_a"`` / ``"lagg_a"``) trained on ``task`` with
-  ``k`` workers and ``h`` local steps, named ``METHOD/TASK_kK_hH``; ``None`` if none ship."""
+  ``k`` workers and ``h`` local steps, named ``METHOD/TASK_kK_hH``; ``None`` if none ship.
+
+  ``tag`` names a compressor (:meth:`optax_localsgd.compression.Compression.weights_tag`, e.g.
+  ``"top0.01"``): weights meta-trained for it, ``METHOD/TASK_kK_hH_TAG``, are preferred, and
+  if none ship the uncompressed ones are returned.
+  """
+  if method not in ("lopt_a", "lagg_a"):
+    return None
   name = f"{method}/{task}_k{k}_h{h}"
-  return name if method in ("lopt_a", "lagg_a") and name in available() else None
+  names = available()
+  if tag and f"{name}_{tag}" in names:
+    return f"{name}_{tag}"
+  return name if name in names else None
 
 
 def resolve(path_or_name: PathLike) -> pathlib.Path:

@@ -69,6 +69,11 @@ class Compression(abc.ABC):
   def spec(self) -> str:
     """The text spec :func:`from_spec` parses back to this object."""
 
+  def weights_tag(self) -> str:
+    """The suffix of weights meta-trained for this compressor (``pretrained.default_name``):
+    the spec with ``:`` as ``_``; :class:`TopK` shortens it to ``top0.01`` / ``top0.01ef``."""
+    return self.spec().replace(":", "_")
+
   def init_workers(self, params: Any, num_workers: int) -> Any:
     """``num_workers`` states of :meth:`transform`, stacked on a leading axis."""
     state = self.transform().init(params)
@@ -102,6 +107,9 @@ class TopK(Compression):
 
   def spec(self) -> str:
     return f"top_k:{self.fraction:g}" + (":ef" if self.error_feedback else "")
+
+  def weights_tag(self) -> str:
+    return f"top{self.fraction:g}" + ("ef" if self.error_feedback else "")
 
 
 @dataclasses.dataclass(frozen=True)
