@@ -59,7 +59,14 @@ def test_publish_writes_loadable_weights_manifest_and_card(tmp_path, monkeypatch
   assert COMMAND in card and "Reduced recipe" in card
   assert "| outer_steps | 120 (of a 300-step schedule) | 5000 |" in card
   assert "| 1 | 2 |" in card and "# title" not in card and "x.png" not in card
-  assert "Fine-tuned" not in card
+  assert "Fine-tuned" not in card and "compressed deltas" not in card
+
+
+def test_card_of_weights_for_a_compressor_names_it(tmp_path, model_card):
+  run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(2)), compress="top_k:0.01")
+  card = model_card.publish(run / "weights.safetensors", "lopt_a/x_top0.01",
+                            tmp_path / "root").read_text()
+  assert "**For compressed deltas.**" in card and "`--compress top_k:0.01`" in card
 
 
 def test_card_of_fine_tuned_weights_names_its_starting_point(tmp_path, model_card):

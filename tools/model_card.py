@@ -79,6 +79,10 @@ def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | N
     lines += [f"**Reduced recipe.** These weights were meta-trained{where} with fewer outer "
               "steps or fewer tasks per estimate than the paper's recipe (the table below); "
               "the evaluation shows what they do.", ""]
+  if info.get("compress"):
+    lines += [f"**For compressed deltas.** Every worker compressed its delta with "
+              f"`--compress {info['compress']}` during meta-training (docs/compression.md); "
+              f"use these weights with the same compressor.", ""]
   if info.get("init_from"):
     lines += [f"**Fine-tuned.** Meta-training started from `{info['init_from']}` (sha256 "
               f"`{info.get('init_from_sha256')}`), not from a fresh init; the table and the "
