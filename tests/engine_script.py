@@ -23,6 +23,8 @@ def main():
   ap.add_argument("--local-devices", type=int, default=None)
   ap.add_argument("--port", type=int, default=0)
   ap.add_argument("--compress", default=None, help="a compression spec for every worker")
+  ap.add_argument("--shard-server", action="store_true",
+                  help="with --mesh: the ZeRO-1 server step (engine/zero.py)")
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
 
@@ -55,21 +57,36 @@ def main():
       "slowmo": (ol.slowmo(1.0, 0.9, 0.1), False),
       "lopt_a": (ol.lopt_a(ol.init_lopt_a(key)), False),
       "lagg_a": (ol.lagg_a(ol.init_lagg_a(key, K), K), True),
+      # DiLoCo's outer step and Adam: elementwise, like local_sgd and slowmo.
+      "diloco": (optax.sgd(0.7, momentum=0.9, nesterov=True), False),
+      "adam": (optax.chain(optax.scale_by_adam(), optax.scale(-0.05)), False),
   }
   mesh = engine.worker_mesh() if args.mesh else None
   data = engine.DeviceData({"x": x, "y": y}, shards)
   if mesh is not None:
     data = engine.replicate(data, mesh)
   results = {"n_devices": len(jax.devices())}
+
+  def fetch(x):  # a sharded array spans other processes' devices under jax.distributed
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
   for name in args.servers.split(","):
     server, per_worker = servers[name]
     cfg = engine.RoundConfig(K, H, B, per_worker_deltas=per_worker,
                              compression=compression.from_spec(args.compress))
-    p, state = params, engine.init_round_state(server, cfg, params)
-    if mesh is not None:
-      p, state = engine.replicate((p, state), mesh)
+    if args.shard_server:
+      p = engine.replicate(params, mesh)
+      state = engine.init_round_state(server, cfg, p, mesh, shard_server=True)
+    else:
+      p, state = params, engine.init_round_state(server, cfg, params)
+      if mesh is not None:
+        p, state = engine.replicate((p, state), mesh)
     round_fn = jax.jit(engine.make_round_fn(loss, engine.classification_batch,
-                                            optax.sgd(0.3), server, cfg, mesh))
+                                            optax.sgd(0.3), server, cfg, mesh,
+                                            shard_server=args.shard_server))
     losses = []
     for r in range(ROUNDS):
       p, state, m = round_fn(p, state, jax.random.fold_in(key, r), data)
@@ -77,9 +94,13 @@ def main():
     results[f"{name}/losses"] = np.asarray(losses)
     results.update({f"{name}/{k}": np.asarray(jax.device_get(v)) for k, v in p.items()})
     results[f"{name}/bits"] = float(m["bits"])
+    if args.shard_server:  # each device's server state, gathered: (8, slice) per leaf
+      sstate = state.server if args.compress else state
+      for i, leaf in enumerate(jax.tree.leaves(sstate.per_device)):
+        results[f"{name}/server{i}"] = fetch(leaf)
     if args.compress:  # the workers' compressor states, gathered from their devices
       for i, leaf in enumerate(jax.tree.leaves(state.workers)):
-        results[f"{name}/workers{i}"] = np.asarray(jax.device_get(leaf))
+        results[f"{name}/workers{i}"] = fetch(leaf)
   if args.process_id == 0:
     np.savez(args.out, **results)
 

@@ -1,5 +1,6 @@
 """The local-SGD round: same numbers on 1 device, 8 devices and 2 processes; input errors."""
 
+import math
 import pathlib
 import socket
 import subprocess
@@ -40,8 +41,8 @@ def single_device(tmp_path_factory):
   return r
 
 
-def _assert_same(a, b):
-  for s in SERVERS:
+def _assert_same(a, b, servers=SERVERS):
+  for s in servers:
     np.testing.assert_allclose(a[f"{s}/losses"], b[f"{s}/losses"], rtol=1e-5, err_msg=s)
     for k in ("w1", "b1", "w2", "b2"):
       np.testing.assert_allclose(a[f"{s}/{k}"], b[f"{s}/{k}"], rtol=1e-4, atol=1e-6,
@@ -69,6 +70,81 @@ def test_two_processes_match_one_process(single_device, tmp_path):
   r = np.load(out)
   assert r["n_devices"] == 8  # 2 processes x 4 CPU devices, one global mesh
   _assert_same(single_device, r)
+
+
+# The ZeRO-1 server step (engine/zero.py): elementwise server transforms only.
+ELEMENTWISE = ("local_sgd", "slowmo", "diloco", "adam")
+
+
+@pytest.fixture(scope="module")
+def single_device_elementwise(tmp_path_factory):
+  out = tmp_path_factory.mktemp("engine") / "one_elementwise.npz"
+  _wait(_run(out, 1, "--servers", ",".join(ELEMENTWISE)))
+  return np.load(out)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_sharded_server_step_equals_the_replicated_one(single_device_elementwise, tmp_path):
+  """8 devices, each owning 1/8 of every tensor's server state and step, give the numbers of
+  one device running the whole step; each device keeps only its slice of the state."""
+  out = tmp_path / "zero8.npz"
+  _wait(_run(out, 8, "--mesh", "--shard-server", "--servers", ",".join(ELEMENTWISE)))
+  r = np.load(out)
+  assert r["n_devices"] == 8
+  _assert_same(single_device_elementwise, r, ELEMENTWISE)
+  # SlowMo's state: per tensor, a momentum slice of ceil(size / 8) entries on each device.
+  sizes = sorted({math.ceil(n / 8) for n in (6 * 16, 16, 16 * 3, 3)})
+  momenta = [r[f] for f in r.files if f.startswith("slowmo/server") and r[f].ndim == 2]
+  assert sorted({m.shape[1] for m in momenta}) == sizes
+  assert all(m.shape[0] == 8 for m in momenta)
+
+
+def test_sharded_server_step_over_two_processes_with_compression(tmp_path):
+  """jax.distributed, 2 processes x 4 devices, error-feedback top-k on the workers and the
+  sharded server step: the numbers of one device."""
+  flags = ("--servers", "local_sgd,slowmo", "--compress", "top_k:0.1:ef")
+  one = tmp_path / "one.npz"
+  _wait(_run(one, 1, *flags))
+  port, out = _free_port(), tmp_path / "two.npz"
+  _wait(*[_run(out, 4, *flags, "--mesh", "--shard-server", "--num-processes", "2",
+               "--process-id", str(i), "--local-devices", "4", "--port", str(port))
+          for i in range(2)])
+  a, b = np.load(one), np.load(out)
+  assert b["n_devices"] == 8
+  _assert_same(a, b, ("local_sgd", "slowmo"))
+  for f in (f for f in a.files if "/workers" in f):  # the residuals stay per worker
+    np.testing.assert_allclose(a[f], b[f], rtol=1e-4, atol=1e-6, err_msg=f)
+
+
+def test_sharded_server_step_refuses_what_it_cannot_shard():
+  data, params, loss = _toy()
+  mesh = engine.worker_mesh(jax.devices()[:1])
+  cfg = engine.RoundConfig(num_workers=4, local_steps=1, batch_size=4)
+  sgd = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="pass mesh=engine.worker_mesh"):
+    engine.make_round_fn(loss, engine.classification_batch, sgd, ol.local_sgd(), cfg,
+                         shard_server=True)
+  lagg_cfg = engine.RoundConfig(4, 1, 4, per_worker_deltas=True)
+  with pytest.raises(ValueError, match="per-worker deltas"):
+    engine.init_round_state(ol.local_sgd(), lagg_cfg, params, mesh, shard_server=True)
+  # LOpt-A normalises over whole tensors: it refuses the slices instead of misusing them.
+  server = ol.lopt_a(ol.init_lopt_a(jax.random.PRNGKey(0)))
+  state = engine.init_round_state(server, cfg, params, mesh, shard_server=True)
+  round_fn = engine.make_round_fn(loss, engine.classification_batch, sgd, server, cfg, mesh,
+                                  shard_server=True)
+  with pytest.raises(ValueError, match="no sharded"):
+    round_fn(params, state, jax.random.PRNGKey(0), data)
+  # A replicated state handed to the sharded round (or the reverse) is named.
+  plain = ol.local_sgd()
+  round_fn = engine.make_round_fn(loss, engine.classification_batch, sgd, plain, cfg, mesh,
+                                  shard_server=True)
+  with pytest.raises(ValueError, match="shard_server=True"):
+    round_fn(params, plain.init(params), jax.random.PRNGKey(0), data)
 
 
 def _toy():

@@ -3,6 +3,8 @@
 * :mod:`optax_localsgd.engine.round`: ``make_round_fn`` and friends (workers vmapped on one
   device or placed on a mesh), ``RoundConfig``, ``DeviceData``;
 * :mod:`optax_localsgd.engine.batches`: how workers draw minibatches on the device;
+* :mod:`optax_localsgd.engine.zero`: the server step sharded over the workers' devices
+  (ZeRO-1), ``make_round_fn(..., shard_server=True)``;
 * :mod:`optax_localsgd.engine.federated`: a federated round, K of N clients of different
   sizes sampled every round, with optional per-client state (SCAFFOLD).
 
@@ -19,12 +21,13 @@ from optax_localsgd.engine.round import (WORKER_AXIS, CompressedState, DeviceDat
                                          RoundConfig, init_round_state,
                                          make_data_parallel_round_fn, make_multi_round_fn,
                                          make_round_fn, replicate, worker_mesh)
+from optax_localsgd.engine.zero import ShardedServerState
 
 __all__ = [
-    "EVAL_SUBSET_SEED", "BatchFn", "ClientData", "ClientHook", "CompressedState", "DeviceData",
-    "FederatedConfig", "FederatedState", "LossFn", "RoundConfig", "WORKER_AXIS", "batch_fn_for",
-    "classification_batch", "client_data", "eval_batches", "federated_config",
-    "init_federated_state", "init_round_state", "make_federated_round_fn",
-    "make_data_parallel_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
+    "BatchFn", "ClientData", "ClientHook", "CompressedState", "DeviceData", "EVAL_SUBSET_SEED",
+    "FederatedConfig", "FederatedState", "LossFn", "RoundConfig", "ShardedServerState",
+    "WORKER_AXIS", "batch_fn_for", "classification_batch", "client_data", "eval_batches",
+    "federated_config", "init_federated_state", "init_round_state", "make_data_parallel_round_fn",
+    "make_federated_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
     "replicate", "sample_indices", "worker_mesh",
 ]

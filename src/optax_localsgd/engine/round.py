@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_localsgd.compression import Compression, round_bits
+from optax_localsgd.engine import zero
 from optax_localsgd.engine.batches import BatchFn, sample_indices
 from optax_localsgd.errors import UsageError
 
@@ -82,16 +83,31 @@ class CompressedState(NamedTuple):
 
 
 def init_round_state(server_tx: optax.GradientTransformation, cfg: RoundConfig,
-                     params: Any) -> Any:
+                     params: Any, mesh: Mesh | None = None, shard_server: bool = False) -> Any:
   """The state :func:`make_round_fn`'s round function starts from.
 
   Returns ``server_tx.init(params)`` without compression, else a :class:`CompressedState`
-  holding it and ``cfg.compression.init_workers(params, K)``.
+  holding it and ``cfg.compression.init_workers(params, K)``. With ``shard_server`` (and the
+  ``mesh`` of the round), the server part is a :class:`~optax_localsgd.engine.zero.
+  ShardedServerState`: each device's state of its slices of ``params``.
   """
-  server = server_tx.init(params)
+  if shard_server:
+    _check_shard_server(mesh, cfg)
+    server = zero.init_sharded_server_state(server_tx, params, mesh, WORKER_AXIS)
+  else:
+    server = server_tx.init(params)
   if cfg.compression is None:
     return server
   return CompressedState(server, cfg.compression.init_workers(params, cfg.num_workers))
+
+
+def _check_shard_server(mesh: Mesh | None, cfg: RoundConfig) -> None:
+  if mesh is None:
+    raise ValueError("shard_server=True shards the server step over the devices of a mesh: "
+                     "pass mesh=engine.worker_mesh().")
+  if cfg.per_worker_deltas:
+    raise ValueError("shard_server=True is not available for a server that reads the "
+                     "per-worker deltas (LAgg-A) yet; use shard_server=False.")
 
 
 class DeviceData(NamedTuple):
@@ -145,7 +161,7 @@ def check_worker_mesh(mesh: Mesh | None, k: int, what: str) -> None:
 
 def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientTransformation,
                   server_tx: optax.GradientTransformation, cfg: RoundConfig,
-                  mesh: Mesh | None = None) -> Callable:
+                  mesh: Mesh | None = None, shard_server: bool = False) -> Callable:
   """Build one local-SGD communication round.
 
   Args:
@@ -158,6 +174,10 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     cfg: K, H, B and whether the server reads per-worker deltas.
     mesh: ``None`` to vmap all workers on one device; or a mesh with a ``"workers"`` axis
       whose size divides K, to spread the workers over its devices.
+    shard_server: with a ``mesh``, shard the server step and its state over the devices
+      (ZeRO-1, :mod:`optax_localsgd.engine.zero`) instead of running it replicated; only
+      for an elementwise server transform (``local_sgd``, ``slowmo``, DiLoCo's Nesterov
+      step, Adam, ...). The state comes from ``init_round_state(..., mesh, shard_server=True)``.
 
   Returns:
     A function ``round_fn(params, server_state, key, data) -> (params, server_state, metrics)``
@@ -193,6 +213,8 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
   """
   k = cfg.num_workers
   check_worker_mesh(mesh, k, "workers")
+  if shard_server:
+    _check_shard_server(mesh, cfg)
 
   compressor = None if cfg.compression is None else cfg.compression.transform()
 
@@ -235,6 +257,28 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
         out_specs=(delta_spec, P(), P(WORKER_AXIS)))(
             params, keys, data.shards, data.arrays, wstates)
 
+  def workers_and_sharded_server(params, keys, data, wstates, per_device):
+    """The ZeRO-1 round on the mesh: workers, reduce-scatter, each device's server step on
+    its slices; returns the update slices (gathered by their sharding), loss and states."""
+    n = mesh.shape[WORKER_AXIS]
+    update = zero.sharded_update(server_tx, n, WORKER_AXIS)
+
+    def block(params, keys, shards, arrays, wstates, per_device):
+      varying = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
+      w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
+      deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(varying, keys, shards)
+      deltas, wstates = compress(deltas, wstates)
+      loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
+      local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
+      upd, per_device = update(zero.scatter_mean(local_sum, n, WORKER_AXIS, k), per_device,
+                               params)
+      return upd, loss, wstates, per_device
+
+    w = P(WORKER_AXIS)
+    return jax.shard_map(block, mesh=mesh, in_specs=(P(), w, w, P(), w, w),
+                         out_specs=(w, P(), w, w))(
+                             params, keys, data.shards, data.arrays, wstates, per_device)
+
   def split_state(state):
     """``(server state, stacked worker compressor states)``; ``()`` for the latter without
     compression. Checked at trace time, so a mix-up is a clear error, not a shape error."""
@@ -258,11 +302,19 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       raise ValueError(f"data.shards has {data.shards.shape[0]} worker shards; K={k}.")
     sstate, wstates = split_state(server_state)
     keys = jax.random.split(key, k)
-    server_in, train_loss, wstates = workers(params, keys, data, wstates)
-    updates, sstate = server_tx.update(server_in, sstate, params)
+    if shard_server:
+      if not isinstance(sstate, zero.ShardedServerState):
+        raise ValueError("shard_server=True needs the state of engine.init_round_state(server_tx, "
+                         "cfg, params, mesh, shard_server=True).")
+      upd, train_loss, wstates, per_device = workers_and_sharded_server(
+          params, keys, data, wstates, sstate.per_device)
+      new_params, sstate = zero.assemble(upd, params, mesh), zero.ShardedServerState(per_device)
+    else:
+      server_in, train_loss, wstates = workers(params, keys, data, wstates)
+      updates, sstate = server_tx.update(server_in, sstate, params)
+      new_params = optax.apply_updates(params, updates)
     # A static count (shapes only); float32 because an int32 overflows for big models.
     bits = jnp.float32(round_bits(cfg.compression, params, k))
-    new_params = optax.apply_updates(params, updates)
     new_state = sstate if cfg.compression is None else CompressedState(sstate, wstates)
     return new_params, new_state, {"train_loss": train_loss, "bits": bits}
 

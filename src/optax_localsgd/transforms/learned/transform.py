@@ -63,7 +63,13 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
         accumulators=jax.tree.map(features.init_accumulators, params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+    if extra_args.get("sharded_over") is not None:
+      # engine.zero's protocol: the engine would feed each device a slice of every tensor,
+      # but the features normalise over whole tensors; refuse rather than compute otherwise.
+      raise ValueError(
+          f"{name} has no sharded (ZeRO-1) server step yet: its features normalise over "
+          f"whole tensors, which one device's slice does not hold. Use shard_server=False "
+          f"(the replicated server step).")
     if params is None:
       raise ValueError(
           f"{name} needs the current global params: call "

@@ -1,0 +1,120 @@
+"""The server step sharded over the workers' devices (the ZeRO-1 pattern).
+
+With ``make_round_fn(..., mesh=mesh, shard_server=True)`` no device holds the server state of
+the whole model or computes the whole server step. Each of the N devices along ``"workers"``
+owns one slice of every parameter tensor: the tensor is flattened, padded with zeros to a
+multiple of N entries and cut into N equal slices, slice ``i`` on device ``i``. A round then
+
+1. sums each device's workers' deltas and **reduce-scatters** the sum, so that device ``i``
+   receives slice ``i`` of the mean delta (one ``psum_scatter``, the same bytes on the wire as
+   half an all-reduce);
+2. runs the server transform on its slices alone: ``server_tx.update(delta_slices, state_i,
+   param_slices)``, with ``state_i`` its own, built by ``server_tx.init(param_slices)``;
+3. **all-gathers** the updated slices into the new weights, replicated on every device.
+
+The server state is a :class:`ShardedServerState`: every leaf is the N devices' states stacked
+on a leading axis and sharded along ``"workers"``, so its memory per device is divided by N.
+
+This computes exactly the replicated step only for an **elementwise** server transform, one
+where a parameter's update depends on that parameter's delta, state and value alone:
+``local_sgd``, ``slowmo``, ``optax.sgd`` (with momentum or Nesterov, DiLoCo's outer step),
+``optax.adam`` and their chains with elementwise transforms. Transforms that reduce over a
+whole tensor or the whole model (``optax.clip_by_global_norm``, the learned optimizers'
+feature normalisation) would see only a slice. The learned optimizers say so instead of
+computing something else: the engine passes ``sharded_over=AXIS`` as an extra argument of
+``update`` (:data:`SHARDED_ARG`), and ``lopt_a`` / ``lagg_a`` raise a ``ValueError`` on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Extra keyword argument of ``server_tx.update`` naming the mesh axis the engine has sharded
+# every parameter over; a transform that is not elementwise must refuse it (or handle it).
+SHARDED_ARG = "sharded_over"
+
+
+class ShardedServerState(NamedTuple):
+  """The server state of a sharded server step.
+
+  Attributes:
+    per_device: ``server_tx.init`` of each device's parameter slices, stacked on axis 0
+      (device ``i``'s state is ``[i]``) and sharded over the ``"workers"`` axis.
+  """
+  per_device: Any
+
+
+def slice_length(size: int, num_devices: int) -> int:
+  """Entries of one device's slice of a tensor of ``size`` entries: ``ceil(size / N)``."""
+  return max(1, math.ceil(size / num_devices))
+
+
+def local_slices(tree: Any, num_devices: int, axis_name: str) -> Any:
+  """Inside ``shard_map``: this device's slice of every leaf (flattened, zero-padded to
+  ``N * slice_length`` entries, slice ``axis_index``), a tree of 1-D arrays."""
+  idx = jax.lax.axis_index(axis_name)
+
+  def one(x):
+    length = slice_length(x.size, num_devices)
+    flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
+    return jax.lax.dynamic_slice_in_dim(flat, idx * length, length)
+
+  return jax.tree.map(one, tree)
+
+
+def scatter_mean(tree: Any, num_devices: int, axis_name: str, k: int) -> Any:
+  """Inside ``shard_map``: sum ``tree`` (each device's sum of its workers' deltas) over the
+  devices, divide by ``k``, and keep this device's slice of each leaf (a reduce-scatter)."""
+
+  def one(x):
+    length = slice_length(x.size, num_devices)
+    flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
+    return jax.lax.psum_scatter(flat, axis_name, scatter_dimension=0, tiled=True) / k
+
+  return jax.tree.map(one, tree)
+
+
+def init_sharded_server_state(server_tx: optax.GradientTransformation, params: Any,
+                              mesh: Mesh, axis_name: str) -> ShardedServerState:
+  """Each device's ``server_tx.init`` of its slices of ``params``, stacked and sharded."""
+  n = mesh.shape[axis_name]
+
+  def init(p):
+    state = server_tx.init(local_slices(p, n, axis_name))
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+
+  per_device = jax.jit(jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=P(axis_name)))(
+      params)
+  return ShardedServerState(per_device)
+
+
+def sharded_update(server_tx: optax.GradientTransformation, num_devices: int,
+                   axis_name: str) -> Callable:
+  """Inside ``shard_map``: ``(delta_slices, state, params) -> (update_slices, state)`` for
+  one device, where ``state`` is this device's block of a :class:`ShardedServerState`'s
+  ``per_device`` (leading axis 1) and ``params`` the replicated weights."""
+  tx = optax.with_extra_args_support(server_tx)
+
+  def update(delta_slices, state_block, params):
+    state = jax.tree.map(lambda x: x[0], state_block)
+    slices = local_slices(params, num_devices, axis_name)
+    upd, state = tx.update(delta_slices, state, slices, **{SHARDED_ARG: axis_name})
+    return upd, jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+
+  return update
+
+
+def assemble(update_slices: Any, params: Any, mesh: Mesh) -> Any:
+  """Outside ``shard_map``: the new weights from the gathered update slices (``(N * L,)`` per
+  leaf, sharded), replicated on every device of ``mesh``."""
+
+  updates = jax.tree.map(lambda u, p: u[:p.size].reshape(p.shape), update_slices, params)
+  new = optax.apply_updates(params, updates)
+  return jax.lax.with_sharding_constraint(new, NamedSharding(mesh, P()))
