@@ -1,5 +1,8 @@
 """Communication-round time of the Fashion-MNIST MLP (K=8, H=4, B=128), 1 device vs N devices.
 
+For the elementwise servers (local SGD, SlowMo, DiLoCo) a third placement shards the server
+step over the N devices (``shard_server=True``, ZeRO-1; ``engine/zero.py``).
+
 Both placements run in one process on the same data, interleaved call by call, and each is
 timed as a jitted ``lax.scan`` of ``--rounds-per-call`` rounds (so dispatch is amortised as in
 training). On a CPU host the N devices are XLA's virtual host devices
@@ -20,6 +23,10 @@ import pathlib
 import statistics
 import sys
 import time
+
+
+# Servers whose step is elementwise, so it can be sharded (engine/zero.py).
+ELEMENTWISE = ("local_sgd", "slowmo", "diloco")
 
 
 def main(argv=None) -> dict:
@@ -47,19 +54,26 @@ def main(argv=None) -> dict:
   mesh = engine.worker_mesh(jax.devices()[:args.devices])
   params0 = task.init(jax.random.PRNGKey(0))
 
+  many, sharded = f"{args.devices} devices", f"{args.devices} devices, sharded server"
   fns = {}
   for name in args.servers.split(","):
     server = servers.make_server(name, num_workers=K, local_learning_rate=0.3)
     cfg = engine.RoundConfig(K, H, B, per_worker_deltas=server.per_worker_deltas)
-    for placement, m in (("1 device", None), (f"{args.devices} devices", mesh)):
+    placements = [("1 device", None, False), (many, mesh, False)]
+    if name in ELEMENTWISE:
+      placements.append((sharded, mesh, True))
+    for placement, m, shard in placements:
       fn = engine.make_round_fn(task.loss, engine.classification_batch,
-                                baselines.worker_sgd(0.3), server.tx, cfg, m)
+                                baselines.worker_sgd(0.3), server.tx, cfg, m,
+                                shard_server=shard)
       dd = engine.DeviceData(arrays, shards)
-      p, s = params0, server.tx.init(params0)
       if m is None:
-        dd, p, s = jax.device_put((dd, p, s), jax.devices()[0])
+        dd, p, s = jax.device_put((dd, params0, server.tx.init(params0)), jax.devices()[0])
+      elif shard:
+        dd, p = engine.replicate((dd, params0), m)
+        s = engine.init_round_state(server.tx, cfg, p, m, shard_server=True)
       else:
-        dd, p, s = engine.replicate((dd, p, s), m)
+        dd, p, s = engine.replicate((dd, params0, server.tx.init(params0)), m)
 
       def chunk(p, s, dd=dd, fn=fn):
         def body(c, i):
@@ -82,9 +96,13 @@ def main(argv=None) -> dict:
   rows = []
   for name in args.servers.split(","):
     one = statistics.median(times[(name, "1 device")])
-    many = statistics.median(times[(name, f"{args.devices} devices")])
-    rows.append({"server": name, "round_s_1_device": one, f"round_s_{args.devices}_devices": many,
-                 "ratio_many_over_one": many / one})
+    on_many = statistics.median(times[(name, many)])
+    row = {"server": name, "round_s_1_device": one, f"round_s_{args.devices}_devices": on_many,
+           "ratio_many_over_one": on_many / one}
+    if (name, sharded) in times:
+      row[f"round_s_{args.devices}_devices_sharded_server"] = statistics.median(
+          times[(name, sharded)])
+    rows.append(row)
   local = next((r for r in rows if r["server"] == "local_sgd"), None)
   for r in rows:
     if local:
@@ -102,12 +120,15 @@ def main(argv=None) -> dict:
         f"jax {result['jax']}, {result['date']}; median of {args.reps} calls of "
         f"{args.rounds_per_call} scanned rounds.", "",
         f"| server | round, 1 device (ms) | round, {args.devices} devices (ms) | "
-        f"{args.devices} / 1 | round / local SGD round (1 device) |",
-        "| --- | ---: | ---: | ---: | ---: |"]
+        f"{args.devices} / 1 | round / local SGD round (1 device) | round, {args.devices} "
+        "devices, sharded server (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
+    zero1 = r.get(f"round_s_{args.devices}_devices_sharded_server")
     md.append(f"| {r['server']} | {1e3 * r['round_s_1_device']:.1f} | "
               f"{1e3 * r[f'round_s_{args.devices}_devices']:.1f} | "
-              f"{r['ratio_many_over_one']:.2f} | {r.get('round_over_local_sgd_1_device', 1):.2f} |")
+              f"{r['ratio_many_over_one']:.2f} | {r.get('round_over_local_sgd_1_device', 1):.2f} | "
+              f"{'–' if zero1 is None else f'{1e3 * zero1:.1f}'} |")
   (out / "round_time.md").write_text("\n".join(md) + "\n")
   print("\n".join(md))
   return result
