@@ -1,7 +1,7 @@
 """Communication-round time of the Fashion-MNIST MLP (K=8, H=4, B=128), 1 device vs N devices.
 
-For the elementwise servers (local SGD, SlowMo, DiLoCo) a third placement shards the server
-step over the N devices (``shard_server=True``, ZeRO-1; ``engine/zero.py``).
+For local SGD, SlowMo, DiLoCo and LOpt-A a third placement shards the server step over the N
+devices (``shard_server=True``, ZeRO-1; ``engine/zero.py``).
 
 Both placements run in one process on the same data, interleaved call by call, and each is
 timed as a jitted ``lax.scan`` of ``--rounds-per-call`` rounds (so dispatch is amortised as in
@@ -25,8 +25,8 @@ import sys
 import time
 
 
-# Servers whose step is elementwise, so it can be sharded (engine/zero.py).
-ELEMENTWISE = ("local_sgd", "slowmo", "diloco")
+# Servers with a sharded step (engine/zero.py): the elementwise ones and LOpt-A.
+SHARDABLE = ("local_sgd", "slowmo", "diloco", "lopt_a")
 
 
 def main(argv=None) -> dict:
@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     server = servers.make_server(name, num_workers=K, local_learning_rate=0.3)
     cfg = engine.RoundConfig(K, H, B, per_worker_deltas=server.per_worker_deltas)
     placements = [("1 device", None, False), (many, mesh, False)]
-    if name in ELEMENTWISE:
+    if name in SHARDABLE:
       placements.append((sharded, mesh, True))
     for placement, m, shard in placements:
       fn = engine.make_round_fn(task.loss, engine.classification_batch,

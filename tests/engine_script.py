@@ -60,6 +60,8 @@ def main():
       # DiLoCo's outer step and Adam: elementwise, like local_sgd and slowmo.
       "diloco": (optax.sgd(0.7, momentum=0.9, nesterov=True), False),
       "adam": (optax.chain(optax.scale_by_adam(), optax.scale(-0.05)), False),
+      # Meta-trained weights take real steps (a fresh init's are tiny).
+      "lopt_a_trained": (ol.lopt_a(ol.pretrained.load("lopt_a/fmnist_mlp_k8_h4")), False),
   }
   mesh = engine.worker_mesh() if args.mesh else None
   data = engine.DeviceData({"x": x, "y": y}, shards)

@@ -72,14 +72,15 @@ def test_two_processes_match_one_process(single_device, tmp_path):
   _assert_same(single_device, r)
 
 
-# The ZeRO-1 server step (engine/zero.py): elementwise server transforms only.
-ELEMENTWISE = ("local_sgd", "slowmo", "diloco", "adam")
+# The ZeRO-1 server step (engine/zero.py): elementwise server transforms, and LOpt-A, which
+# reduces its tensor-wide statistics over the devices (transforms/learned/sharded.py).
+SHARDABLE = ("local_sgd", "slowmo", "diloco", "adam", "lopt_a_trained")
 
 
 @pytest.fixture(scope="module")
-def single_device_elementwise(tmp_path_factory):
-  out = tmp_path_factory.mktemp("engine") / "one_elementwise.npz"
-  _wait(_run(out, 1, "--servers", ",".join(ELEMENTWISE)))
+def single_device_shardable(tmp_path_factory):
+  out = tmp_path_factory.mktemp("engine") / "one_shardable.npz"
+  _wait(_run(out, 1, "--servers", ",".join(SHARDABLE)))
   return np.load(out)
 
 
@@ -89,14 +90,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_sharded_server_step_equals_the_replicated_one(single_device_elementwise, tmp_path):
+def test_sharded_server_step_equals_the_replicated_one(single_device_shardable, tmp_path):
   """8 devices, each owning 1/8 of every tensor's server state and step, give the numbers of
   one device running the whole step; each device keeps only its slice of the state."""
   out = tmp_path / "zero8.npz"
-  _wait(_run(out, 8, "--mesh", "--shard-server", "--servers", ",".join(ELEMENTWISE)))
+  _wait(_run(out, 8, "--mesh", "--shard-server", "--servers", ",".join(SHARDABLE)))
   r = np.load(out)
   assert r["n_devices"] == 8
-  _assert_same(single_device_elementwise, r, ELEMENTWISE)
+  _assert_same(single_device_shardable, r, SHARDABLE)
   # SlowMo's state: per tensor, a momentum slice of ceil(size / 8) entries on each device.
   sizes = sorted({math.ceil(n / 8) for n in (6 * 16, 16, 16 * 3, 3)})
   momenta = [r[f] for f in r.files if f.startswith("slowmo/server") and r[f].ndim == 2]
@@ -132,14 +133,15 @@ def test_sharded_server_step_refuses_what_it_cannot_shard():
   lagg_cfg = engine.RoundConfig(4, 1, 4, per_worker_deltas=True)
   with pytest.raises(ValueError, match="per-worker deltas"):
     engine.init_round_state(ol.local_sgd(), lagg_cfg, params, mesh, shard_server=True)
-  # LOpt-A normalises over whole tensors: it refuses the slices instead of misusing them.
-  server = ol.lopt_a(ol.init_lopt_a(jax.random.PRNGKey(0)))
+  # A custom leaf step works on whole tensors: LOpt-A says so instead of ignoring it.
+  meta = ol.init_lopt_a(jax.random.PRNGKey(0))
+  server = ol.lopt_a(meta, leaf_step=ol.transforms.learned.mlp.reference_leaf_step)
   state = engine.init_round_state(server, cfg, params, mesh, shard_server=True)
   round_fn = engine.make_round_fn(loss, engine.classification_batch, sgd, server, cfg, mesh,
                                   shard_server=True)
-  with pytest.raises(ValueError, match="no sharded"):
+  with pytest.raises(ValueError, match="custom leaf_step"):
     round_fn(params, state, jax.random.PRNGKey(0), data)
-  # A replicated state handed to the sharded round (or the reverse) is named.
+  # A replicated state handed to the sharded round is named.
   plain = ol.local_sgd()
   round_fn = engine.make_round_fn(loss, engine.classification_batch, sgd, plain, cfg, mesh,
                                   shard_server=True)

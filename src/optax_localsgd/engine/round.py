@@ -175,9 +175,10 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     mesh: ``None`` to vmap all workers on one device; or a mesh with a ``"workers"`` axis
       whose size divides K, to spread the workers over its devices.
     shard_server: with a ``mesh``, shard the server step and its state over the devices
-      (ZeRO-1, :mod:`optax_localsgd.engine.zero`) instead of running it replicated; only
-      for an elementwise server transform (``local_sgd``, ``slowmo``, DiLoCo's Nesterov
-      step, Adam, ...). The state comes from ``init_round_state(..., mesh, shard_server=True)``.
+      (ZeRO-1, :mod:`optax_localsgd.engine.zero`) instead of running it replicated: for an
+      elementwise server transform (``local_sgd``, ``slowmo``, DiLoCo's Nesterov step, Adam,
+      ...) and ``lopt_a``. The state comes from ``init_round_state(..., mesh,
+      shard_server=True)``.
 
   Returns:
     A function ``round_fn(params, server_state, key, data) -> (params, server_state, metrics)``

@@ -15,19 +15,18 @@ multiple of N entries and cut into N equal slices, slice ``i`` on device ``i``. 
 The server state is a :class:`ShardedServerState`: every leaf is the N devices' states stacked
 on a leading axis and sharded along ``"workers"``, so its memory per device is divided by N.
 
-This computes exactly the replicated step only for an **elementwise** server transform, one
-where a parameter's update depends on that parameter's delta, state and value alone:
-``local_sgd``, ``slowmo``, ``optax.sgd`` (with momentum or Nesterov, DiLoCo's outer step),
-``optax.adam`` and their chains with elementwise transforms. Transforms that reduce over a
-whole tensor or the whole model (``optax.clip_by_global_norm``, the learned optimizers'
-feature normalisation) would see only a slice. The learned optimizers say so instead of
-computing something else: the engine passes ``sharded_over=AXIS`` as an extra argument of
-``update`` (:data:`SHARDED_ARG`), and ``lopt_a`` / ``lagg_a`` raise a ``ValueError`` on it.
+The transform sees each slice as an :class:`optax_localsgd.sharding.ShardSlice` node (the
+``(L,)`` slice plus the whole tensor's shape). An **elementwise** server transform, one where a
+parameter's update depends on its own delta, state and value (``local_sgd``, ``slowmo``,
+``optax.sgd`` with momentum or Nesterov, Adam, chains of these), runs on the slices unchanged.
+``lopt_a`` recognises the nodes and combines its tensor-wide statistics (the factored second
+moments and the feature normalisers) over the devices with ``psum``, so it too computes the
+replicated step. A transform that reduces over a tensor or the model without knowing of the
+nodes (``optax.clip_by_global_norm``) would see one slice: do not shard it.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -36,10 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Extra keyword argument of ``server_tx.update`` naming the mesh axis the engine has sharded
-# every parameter over; a transform that is not elementwise must refuse it (or handle it).
-SHARDED_ARG = "sharded_over"
-
+from optax_localsgd.sharding import ShardSlice, is_shard_slice, slice_length
 
 class ShardedServerState(NamedTuple):
   """The server state of a sharded server step.
@@ -51,32 +47,30 @@ class ShardedServerState(NamedTuple):
   per_device: Any
 
 
-def slice_length(size: int, num_devices: int) -> int:
-  """Entries of one device's slice of a tensor of ``size`` entries: ``ceil(size / N)``."""
-  return max(1, math.ceil(size / num_devices))
-
-
 def local_slices(tree: Any, num_devices: int, axis_name: str) -> Any:
   """Inside ``shard_map``: this device's slice of every leaf (flattened, zero-padded to
-  ``N * slice_length`` entries, slice ``axis_index``), a tree of 1-D arrays."""
+  ``N * slice_length`` entries, slice ``axis_index``), as :class:`ShardSlice` nodes."""
   idx = jax.lax.axis_index(axis_name)
 
   def one(x):
     length = slice_length(x.size, num_devices)
     flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
-    return jax.lax.dynamic_slice_in_dim(flat, idx * length, length)
+    return ShardSlice(jax.lax.dynamic_slice_in_dim(flat, idx * length, length), x.shape,
+                      num_devices, axis_name)
 
   return jax.tree.map(one, tree)
 
 
 def scatter_mean(tree: Any, num_devices: int, axis_name: str, k: int) -> Any:
   """Inside ``shard_map``: sum ``tree`` (each device's sum of its workers' deltas) over the
-  devices, divide by ``k``, and keep this device's slice of each leaf (a reduce-scatter)."""
+  devices, divide by ``k``, and keep this device's slice of each leaf (a reduce-scatter), as
+  :class:`ShardSlice` nodes."""
 
   def one(x):
     length = slice_length(x.size, num_devices)
     flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
-    return jax.lax.psum_scatter(flat, axis_name, scatter_dimension=0, tiled=True) / k
+    return ShardSlice(jax.lax.psum_scatter(flat, axis_name, scatter_dimension=0, tiled=True) / k,
+                      x.shape, num_devices, axis_name)
 
   return jax.tree.map(one, tree)
 
@@ -100,12 +94,12 @@ def sharded_update(server_tx: optax.GradientTransformation, num_devices: int,
   """Inside ``shard_map``: ``(delta_slices, state, params) -> (update_slices, state)`` for
   one device, where ``state`` is this device's block of a :class:`ShardedServerState`'s
   ``per_device`` (leading axis 1) and ``params`` the replicated weights."""
-  tx = optax.with_extra_args_support(server_tx)
 
   def update(delta_slices, state_block, params):
     state = jax.tree.map(lambda x: x[0], state_block)
     slices = local_slices(params, num_devices, axis_name)
-    upd, state = tx.update(delta_slices, state, slices, **{SHARDED_ARG: axis_name})
+    upd, state = server_tx.update(delta_slices, state, slices)
+    upd = jax.tree.map(lambda u: u.data if is_shard_slice(u) else u, upd, is_leaf=is_shard_slice)
     return upd, jax.tree.map(lambda x: jnp.asarray(x)[None], state)
 
   return update

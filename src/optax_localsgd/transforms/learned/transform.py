@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_localsgd.sharding import ShardSlice, is_shard_slice
 from optax_localsgd.transforms import _validation
-from optax_localsgd.transforms.learned import blocked, features
+from optax_localsgd.transforms.learned import blocked, features, sharded
 from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.transforms.learned.mlp import LeafStep
 
@@ -53,23 +54,30 @@ def _leaf_step(leaf_step: LeafStep | None, block_size: int | None, fn_name: str)
   return leaf_step
 
 
-def _learned(meta_params: MetaParams, num_workers: int | None,
-             leaf_step: LeafStep) -> optax.GradientTransformationExtraArgs:
+def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafStep,
+             custom_step: bool) -> optax.GradientTransformationExtraArgs:
   name = meta_params.config.kind
 
   def init_fn(params):
-    return LearnedOptState(
-        count=jnp.zeros([], jnp.int32),
-        accumulators=jax.tree.map(features.init_accumulators, params))
+    init = lambda p: (sharded.init_accumulators(p) if is_shard_slice(p)
+                      else features.init_accumulators(p))
+    return LearnedOptState(count=jnp.zeros([], jnp.int32),
+                           accumulators=jax.tree.map(init, params, is_leaf=is_shard_slice))
+
+  def sharded_one(p, d, acc, dec, fset, time_feats):
+    """One device's slice of a tensor (engine.make_round_fn(..., shard_server=True))."""
+    if num_workers is not None:
+      raise ValueError("lagg_a has no sharded server step: it reads every worker's delta of "
+                       "every parameter. Use shard_server=False.")
+    if custom_step:
+      raise ValueError(f"{name} got a custom leaf_step, which works on whole tensors; the "
+                       f"sharded server step runs its own. Use shard_server=False.")
+    acc = sharded.update_accumulators(acc, d, dec, fset)
+    step = sharded.leaf_step(meta_params, acc, p, d, d.data[None], time_feats)
+    return ShardSlice(step.astype(p.data.dtype), p.shape, p.num_shards, p.axis_name), acc
 
   def update_fn(updates, state, params=None, **extra_args):
-    if extra_args.get("sharded_over") is not None:
-      # engine.zero's protocol: the engine would feed each device a slice of every tensor,
-      # but the features normalise over whole tensors; refuse rather than compute otherwise.
-      raise ValueError(
-          f"{name} has no sharded (ZeRO-1) server step yet: its features normalise over "
-          f"whole tensors, which one device's slice does not hold. Use shard_server=False "
-          f"(the replicated server step).")
+    del extra_args
     if params is None:
       raise ValueError(
           f"{name} needs the current global params: call "
@@ -84,15 +92,17 @@ def _learned(meta_params: MetaParams, num_workers: int | None,
     time_feats = features.time_features(state.count, fset)
 
     def one(p, d, acc):
+      if is_shard_slice(p):
+        return sharded_one(p, d, acc, dec, fset, time_feats)
       mean_d = d if num_workers is None else jnp.mean(d.astype(jnp.float32), axis=0)
       channels = mean_d[None] if num_workers is None else d
       acc = features.update_accumulators(acc, mean_d, dec, fset)
       step = leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
       return step.astype(p.dtype), acc
 
-    treedef = jax.tree.structure(params)
+    treedef = jax.tree.structure(params, is_leaf=is_shard_slice)
     pairs = [one(p, d, a) for p, d, a in
-             zip(jax.tree.leaves(params), treedef.flatten_up_to(updates),
+             zip(treedef.flatten_up_to(params), treedef.flatten_up_to(updates),
                  treedef.flatten_up_to(state.accumulators))]
     new_updates = treedef.unflatten([u for u, _ in pairs])
     new_acc = treedef.unflatten([a for _, a in pairs])
@@ -159,7 +169,8 @@ def lopt_a(meta_params: MetaParams, leaf_step: LeafStep | None = None,
     raise ValueError(
         f"lopt_a got meta-parameters built for {meta_params.config.kind} "
         f"(K={meta_params.config.num_workers}); use lagg_a(meta_params, k) for those.")
-  return _learned(meta_params, None, _leaf_step(leaf_step, block_size, "lopt_a"))
+  return _learned(meta_params, None, _leaf_step(leaf_step, block_size, "lopt_a"),
+                  leaf_step is not None)
 
 
 def lagg_a(meta_params: MetaParams, k: int, leaf_step: LeafStep | None = None,
@@ -212,4 +223,5 @@ def lagg_a(meta_params: MetaParams, k: int, leaf_step: LeafStep | None = None,
         f"These LAgg-A meta-parameters were built for K={cfg.num_workers} workers "
         f"({cfg.num_inputs} inputs), but lagg_a was asked for k={k}. LAgg-A weights only "
         f"work with the K they were meta-trained for; use LOpt-A for a varying K.")
-  return _learned(meta_params, k, _leaf_step(leaf_step, block_size, "lagg_a"))
+  return _learned(meta_params, k, _leaf_step(leaf_step, block_size, "lagg_a"),
+                  leaf_step is not None)
