@@ -5,7 +5,9 @@ K workers each take H SGD steps per communication round from the global weights;
 are the official "Downsampled ImageNet" npz files (Imagenet32 / Imagenet64), or any set in the
 same format, such as a 32x32 Tiny ImageNet. The whole training split is held in host and device
 memory (uint8 pixels: 3.9 GB for Imagenet32, 15.7 GB for Imagenet64), and minibatches are
-drawn on the device.
+drawn on the device. Over several devices (--devices) the workers are spread over them and the
+server step is sharded (ZeRO-1: each device keeps the server state of, and computes the step
+for, 1/N of every tensor); LAgg-A, which has no sharded step, runs replicated.
 
 Outputs, in --out: ``log.json`` (per-round mean local training loss, val loss and accuracy
 every --eval-every rounds), ``curve.png`` (both against rounds; needs matplotlib) and
@@ -302,16 +304,26 @@ def train(args: argparse.Namespace) -> int:
                      f"workers.")
   identity = run_identity(args, n_train, n_classes, weights)
 
+  # Over several devices each one computes the server step for its slice of every tensor
+  # (ZeRO-1, docs/distributed.md); LAgg-A has no sharded step and runs replicated.
+  shard_server = mesh is not None and not server.per_worker_deltas
+  if shard_server:  # the state holds one slice per device: a resume needs as many devices
+    identity["sharded_server_devices"] = len(devices)
   round_fn = trainer.round_fn_for(task, server, args.workers, args.local_steps,
                                   args.batch_size, args.local_lr, args.clip_norm or None,
-                                  mesh=mesh)
+                                  mesh=mesh, shard_server=shard_server)
 
   key = jax.random.PRNGKey(args.seed)
   params = jax.jit(task.init)(jax.random.fold_in(key, 0))  # jitted: eager init is slow.
-  run = {"params": params, "server_state": server.tx.init(params),
+  server_state = (engine.init_round_state(
+      server.tx, trainer.round_config_for(server, args.workers, args.local_steps,
+                                          args.batch_size), params, mesh, shard_server=True)
+                  if shard_server else server.tx.init(params))
+  run = {"params": params, "server_state": server_state,
          "round": np.zeros((), np.int64), "key": jax.random.fold_in(key, 1)}
   log = {"config": identity, "rounds": [], "train_loss": [], "eval_rounds": [],
-         "val_loss": [], "val_accuracy": [], "wall_s": 0.0, "devices": len(devices)}
+         "val_loss": [], "val_accuracy": [], "wall_s": 0.0, "devices": len(devices),
+         "sharded_server": shard_server}
   if args.resume:
     try:
       run, stored = ckpt.load_checkpoint(ck_path, run, {"identity": identity})
@@ -325,9 +337,13 @@ def train(args: argparse.Namespace) -> int:
 
   shards = data.split_homogeneous(n_train, args.workers, args.seed)
   dev_data = engine.DeviceData(train_arrays, shards)
-  state = (run["params"], run["server_state"])
-  dev_data, state = (engine.replicate((dev_data, state), mesh) if mesh is not None
-                     else jax.device_put((dev_data, state)))
+  if mesh is None:
+    dev_data, state = jax.device_put((dev_data, (run["params"], run["server_state"])))
+  elif shard_server:  # the sharded state is placed by the round function's sharding
+    dev_data, params = engine.replicate((dev_data, run["params"]), mesh)
+    state = (params, run["server_state"])
+  else:
+    dev_data, state = engine.replicate((dev_data, (run["params"], run["server_state"])), mesh)
   evaluate = trainer.make_evaluator(task, engine.eval_batches(task, val_arrays,
                                                                args.eval_examples))
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)

@@ -142,6 +142,27 @@ def test_vit_stops_on_sigterm_and_resumes_exactly(tmp_path, env, lopt_weights, i
   assert json.loads(r.stdout.splitlines()[-1])["val_accuracy"] == straight["val_accuracy"][-1]
 
 
+def test_vit_on_two_devices_shards_the_learned_step_and_resumes(tmp_path, env, lopt_weights,
+                                                                imagenet_dir):
+  """Two devices: LOpt-A's server step is sharded (ZeRO-1); the losses are those of one device,
+  and a resumed run (the sharded state through the checkpoint) equals a straight one."""
+  two = env | {"XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
+  common = ["--data-dir", imagenet_dir, "--weights", lopt_weights, *VIT_SMALL,
+            "--checkpoint-every", 2]
+  for out, rounds, extra, e in (("one", 4, [], env), ("a", 2, ["--devices", 2], two),
+                                ("a", 4, ["--devices", 2, "--resume"], two),
+                                ("b", 4, ["--devices", 2], two)):
+    r = example("vit_imagenet.py", *common, *extra, "--rounds", rounds, "--out", out,
+                cwd=tmp_path, env=e)
+    assert r.returncode == 0, r.stderr[-2000:]
+  one, resumed, straight = (json.loads((tmp_path / d / "log.json").read_text())
+                            for d in ("one", "a", "b"))
+  assert straight["sharded_server"] and straight["devices"] == 2 and not one["sharded_server"]
+  assert resumed["val_loss"] == straight["val_loss"]
+  np.testing.assert_allclose(straight["val_loss"], one["val_loss"], rtol=1e-4)
+  np.testing.assert_allclose(straight["train_loss"], one["train_loss"], rtol=1e-4)
+
+
 def test_vit_with_slowmo(tmp_path, env, imagenet_dir):
   r = example("vit_imagenet.py", "--data-dir", imagenet_dir, "--server", "slowmo",
               "--server-lr", "1.0", "--momentum", "0.5", *VIT_SMALL, "--rounds", 2,

@@ -87,13 +87,14 @@ def round_config_for(server: servers.Server, workers: int, local_steps: int, bat
 def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_steps: int,
                  batch_size: int, local_lr, clip_norm: float | None = None,
                  weight_decay: float = 0.0, mesh=None,
-                 compress: compression.Compression | None = None) -> Callable:
+                 compress: compression.Compression | None = None,
+                 shard_server: bool = False) -> Callable:
   """The engine's round function for ``server``.
 
   ``server.mode == "local"``: K workers take H steps of SGD (``baselines.worker_sgd``), each
   compresses its delta with ``compress`` (if given), then the server step (over ``mesh``'s
-  "workers" axis when given); its state is ``engine.init_round_state(server.tx,
-  round_config_for(...), params)``. ``"data_parallel"``: one step of the server optimizer on
+  "workers" axis when given, sharded over it with ``shard_server``); its state is
+  ``engine.init_round_state(server.tx, round_config_for(...), params[, mesh, shard_server])``. ``"data_parallel"``: one step of the server optimizer on
   K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
   """
   round_cfg = round_config_for(server, workers, local_steps, batch_size, compress)
@@ -101,7 +102,8 @@ def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_s
   if server.mode == "data_parallel":
     return engine.make_data_parallel_round_fn(task.loss, batch_fn, server.tx, round_cfg)
   worker_tx = baselines.worker_sgd(local_lr, clip_norm, weight_decay)
-  return engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh)
+  return engine.make_round_fn(task.loss, batch_fn, worker_tx, server.tx, round_cfg, mesh,
+                              shard_server=shard_server)
 
 
 @functools.lru_cache(maxsize=None)
