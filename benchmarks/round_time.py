@@ -1,6 +1,6 @@
 """Communication-round time of the Fashion-MNIST MLP (K=8, H=4, B=128), 1 device vs N devices.
 
-For local SGD, SlowMo, DiLoCo and LOpt-A a third placement shards the server step over the N
+For local SGD, SlowMo, DiLoCo, LOpt-A and LAgg-A a third placement shards the server step over the N
 devices (``shard_server=True``, ZeRO-1; ``engine/zero.py``).
 
 Both placements run in one process on the same data, interleaved call by call, and each is
@@ -25,8 +25,8 @@ import sys
 import time
 
 
-# Servers with a sharded step (engine/zero.py): the elementwise ones and LOpt-A.
-SHARDABLE = ("local_sgd", "slowmo", "diloco", "lopt_a")
+# Servers with a sharded step (engine/zero.py): the elementwise ones and the learned ones.
+SHARDABLE = ("local_sgd", "slowmo", "diloco", "lopt_a", "lagg_a")
 
 
 def main(argv=None) -> dict:

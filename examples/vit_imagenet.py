@@ -7,7 +7,7 @@ same format, such as a 32x32 Tiny ImageNet. The whole training split is held in 
 memory (uint8 pixels: 3.9 GB for Imagenet32, 15.7 GB for Imagenet64), and minibatches are
 drawn on the device. Over several devices (--devices) the workers are spread over them and the
 server step is sharded (ZeRO-1: each device keeps the server state of, and computes the step
-for, 1/N of every tensor); LAgg-A, which has no sharded step, runs replicated.
+for, 1/N of every tensor).
 
 Outputs, in --out: ``log.json`` (per-round mean local training loss, val loss and accuracy
 every --eval-every rounds), ``curve.png`` (both against rounds; needs matplotlib) and
@@ -305,8 +305,8 @@ def train(args: argparse.Namespace) -> int:
   identity = run_identity(args, n_train, n_classes, weights)
 
   # Over several devices each one computes the server step for its slice of every tensor
-  # (ZeRO-1, docs/distributed.md); LAgg-A has no sharded step and runs replicated.
-  shard_server = mesh is not None and not server.per_worker_deltas
+  # (ZeRO-1, docs/distributed.md).
+  shard_server = mesh is not None
   if shard_server:  # the state holds one slice per device: a resume needs as many devices
     identity["sharded_server_devices"] = len(devices)
   round_fn = trainer.round_fn_for(task, server, args.workers, args.local_steps,

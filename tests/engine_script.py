@@ -62,6 +62,7 @@ def main():
       "adam": (optax.chain(optax.scale_by_adam(), optax.scale(-0.05)), False),
       # Meta-trained weights take real steps (a fresh init's are tiny).
       "lopt_a_trained": (ol.lopt_a(ol.pretrained.load("lopt_a/fmnist_mlp_k8_h4")), False),
+      "lagg_a_trained": (ol.lagg_a(ol.pretrained.load("lagg_a/fmnist_mlp_k8_h4"), K), True),
   }
   mesh = engine.worker_mesh() if args.mesh else None
   data = engine.DeviceData({"x": x, "y": y}, shards)

@@ -72,9 +72,9 @@ def test_two_processes_match_one_process(single_device, tmp_path):
   _assert_same(single_device, r)
 
 
-# The ZeRO-1 server step (engine/zero.py): elementwise server transforms, and LOpt-A, which
-# reduces its tensor-wide statistics over the devices (transforms/learned/sharded.py).
-SHARDABLE = ("local_sgd", "slowmo", "diloco", "adam", "lopt_a_trained")
+# The ZeRO-1 server step (engine/zero.py): elementwise server transforms, and LOpt-A and LAgg-A,
+# which reduce their tensor-wide statistics over the devices (transforms/learned/sharded.py).
+SHARDABLE = ("local_sgd", "slowmo", "diloco", "adam", "lopt_a_trained", "lagg_a_trained")
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_sharded_server_step_equals_the_replicated_one(single_device_shardable, 
 
 def test_sharded_server_step_over_two_processes_with_compression(tmp_path):
   """jax.distributed, 2 processes x 4 devices, error-feedback top-k on the workers and the
-  sharded server step: the numbers of one device."""
-  flags = ("--servers", "local_sgd,slowmo", "--compress", "top_k:0.1:ef")
+  sharded server step (LAgg-A's all-to-all crossing the processes): one device's numbers."""
+  flags = ("--servers", "local_sgd,slowmo,lagg_a_trained", "--compress", "top_k:0.1:ef")
   one = tmp_path / "one.npz"
   _wait(_run(one, 1, *flags))
   port, out = _free_port(), tmp_path / "two.npz"
@@ -117,7 +117,7 @@ def test_sharded_server_step_over_two_processes_with_compression(tmp_path):
           for i in range(2)])
   a, b = np.load(one), np.load(out)
   assert b["n_devices"] == 8
-  _assert_same(a, b, ("local_sgd", "slowmo"))
+  _assert_same(a, b, ("local_sgd", "slowmo", "lagg_a_trained"))
   for f in (f for f in a.files if "/workers" in f):  # the residuals stay per worker
     np.testing.assert_allclose(a[f], b[f], rtol=1e-4, atol=1e-6, err_msg=f)
 
@@ -130,9 +130,6 @@ def test_sharded_server_step_refuses_what_it_cannot_shard():
   with pytest.raises(ValueError, match="pass mesh=engine.worker_mesh"):
     engine.make_round_fn(loss, engine.classification_batch, sgd, ol.local_sgd(), cfg,
                          shard_server=True)
-  lagg_cfg = engine.RoundConfig(4, 1, 4, per_worker_deltas=True)
-  with pytest.raises(ValueError, match="per-worker deltas"):
-    engine.init_round_state(ol.local_sgd(), lagg_cfg, params, mesh, shard_server=True)
   # A custom leaf step works on whole tensors: LOpt-A says so instead of ignoring it.
   meta = ol.init_lopt_a(jax.random.PRNGKey(0))
   server = ol.lopt_a(meta, leaf_step=ol.transforms.learned.mlp.reference_leaf_step)

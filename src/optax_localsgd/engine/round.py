@@ -105,9 +105,6 @@ def _check_shard_server(mesh: Mesh | None, cfg: RoundConfig) -> None:
   if mesh is None:
     raise ValueError("shard_server=True shards the server step over the devices of a mesh: "
                      "pass mesh=engine.worker_mesh().")
-  if cfg.per_worker_deltas:
-    raise ValueError("shard_server=True is not available for a server that reads the "
-                     "per-worker deltas (LAgg-A) yet; use shard_server=False.")
 
 
 class DeviceData(NamedTuple):
@@ -177,7 +174,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     shard_server: with a ``mesh``, shard the server step and its state over the devices
       (ZeRO-1, :mod:`optax_localsgd.engine.zero`) instead of running it replicated: for an
       elementwise server transform (``local_sgd``, ``slowmo``, DiLoCo's Nesterov step, Adam,
-      ...) and ``lopt_a``. The state comes from ``init_round_state(..., mesh,
+      ...), ``lopt_a`` and ``lagg_a``. The state comes from ``init_round_state(..., mesh,
       shard_server=True)``.
 
   Returns:
@@ -270,9 +267,12 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(varying, keys, shards)
       deltas, wstates = compress(deltas, wstates)
       loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
-      local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
-      upd, per_device = update(zero.scatter_mean(local_sum, n, WORKER_AXIS, k), per_device,
-                               params)
+      if cfg.per_worker_deltas:
+        server_in = zero.scatter_stack(deltas, n, WORKER_AXIS)
+      else:
+        local_sum = jax.tree.map(lambda d: jnp.sum(d, axis=0), deltas)
+        server_in = zero.scatter_mean(local_sum, n, WORKER_AXIS, k)
+      upd, per_device = update(server_in, per_device, params)
       return upd, loss, wstates, per_device
 
     w = P(WORKER_AXIS)

@@ -8,6 +8,7 @@ multiple of N entries and cut into N equal slices, slice ``i`` on device ``i``. 
 1. sums each device's workers' deltas and **reduce-scatters** the sum, so that device ``i``
    receives slice ``i`` of the mean delta (one ``psum_scatter``, the same bytes on the wire as
    half an all-reduce);
+   (LAgg-A: an all-to-all, so that device ``i`` receives slice ``i`` of every worker's delta);
 2. runs the server transform on its slices alone: ``server_tx.update(delta_slices, state_i,
    param_slices)``, with ``state_i`` its own, built by ``server_tx.init(param_slices)``;
 3. **all-gathers** the updated slices into the new weights, replicated on every device.
@@ -19,7 +20,7 @@ The transform sees each slice as an :class:`optax_localsgd.sharding.ShardSlice` 
 ``(L,)`` slice plus the whole tensor's shape). An **elementwise** server transform, one where a
 parameter's update depends on its own delta, state and value (``local_sgd``, ``slowmo``,
 ``optax.sgd`` with momentum or Nesterov, Adam, chains of these), runs on the slices unchanged.
-``lopt_a`` recognises the nodes and combines its tensor-wide statistics (the factored second
+``lopt_a`` and ``lagg_a`` recognise the nodes and combine their tensor-wide statistics (the factored second
 moments and the feature normalisers) over the devices with ``psum``, so it too computes the
 replicated step. A transform that reduces over a tensor or the model without knowing of the
 nodes (``optax.clip_by_global_norm``) would see one slice: do not shard it.
@@ -71,6 +72,25 @@ def scatter_mean(tree: Any, num_devices: int, axis_name: str, k: int) -> Any:
     flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
     return ShardSlice(jax.lax.psum_scatter(flat, axis_name, scatter_dimension=0, tiled=True) / k,
                       x.shape, num_devices, axis_name)
+
+  return jax.tree.map(one, tree)
+
+
+def scatter_stack(tree: Any, num_devices: int, axis_name: str) -> Any:
+  """Inside ``shard_map``: from each device's block of worker deltas (leaves ``(K/N, ...)``),
+  this device's slice of *every* worker's delta, ``(K, L)`` per leaf in worker order, as
+  :class:`ShardSlice` nodes (one all-to-all; LAgg-A reads the K deltas of its slice)."""
+
+  def one(x):
+    local_k, size = x.shape[0], x[0].size
+    length = slice_length(size, num_devices)
+    flat = jnp.pad(x.reshape(local_k, -1), ((0, 0), (0, length * num_devices - size)))
+    # Slice j of this device's workers goes to device j, which stacks what it receives in
+    # device order: worker (device d, local i) lands at row d * K/N + i, its global index.
+    out = jax.lax.all_to_all(flat.reshape(local_k, num_devices, length), axis_name,
+                             split_axis=1, concat_axis=0, tiled=True)
+    return ShardSlice(out.reshape(local_k * num_devices, length), x.shape[1:], num_devices,
+                      axis_name)
 
   return jax.tree.map(one, tree)
 

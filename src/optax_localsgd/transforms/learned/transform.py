@@ -66,14 +66,15 @@ def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafSt
 
   def sharded_one(p, d, acc, dec, fset, time_feats):
     """One device's slice of a tensor (engine.make_round_fn(..., shard_server=True))."""
-    if num_workers is not None:
-      raise ValueError("lagg_a has no sharded server step: it reads every worker's delta of "
-                       "every parameter. Use shard_server=False.")
     if custom_step:
       raise ValueError(f"{name} got a custom leaf_step, which works on whole tensors; the "
                        f"sharded server step runs its own. Use shard_server=False.")
-    acc = sharded.update_accumulators(acc, d, dec, fset)
-    step = sharded.leaf_step(meta_params, acc, p, d, d.data[None], time_feats)
+    # LAgg-A: ``d`` holds the K workers' deltas of this slice, ``(K, L)``.
+    channels = d.data[None] if num_workers is None else d.data
+    mean_d = d if num_workers is None else ShardSlice(
+        jnp.mean(d.data.astype(jnp.float32), axis=0), d.shape, d.num_shards, d.axis_name)
+    acc = sharded.update_accumulators(acc, mean_d, dec, fset)
+    step = sharded.leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
     return ShardSlice(step.astype(p.data.dtype), p.shape, p.num_shards, p.axis_name), acc
 
   def update_fn(updates, state, params=None, **extra_args):
