@@ -114,6 +114,74 @@ def _block_values(stat: features.Statistic, view: tuple[int, ...], n: int, idx: 
   return jnp.take(flat, _reduced_index(idx, view, stat.reduced), axis=1, mode="clip")
 
 
+def _columns_fn(meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
+                delta: jax.Array, delta_channels: jax.Array, block: int):
+  """``(columns, num_blocks)``: ``columns(i)`` gives block ``i``'s un-normalised columns
+  ``(F, block)``, a mask of its entries not in an earlier block, and its start."""
+  n = int(param.size)
+  cfg = meta.config
+  fset = cfg.feature_set
+  view = features.factor_spec(param.shape).view_shape
+  stats = features.factored_statistics(acc, param.shape, fset)
+  sources = (param.reshape(1, n), acc.m.reshape(3, n), acc.v.reshape(1, n), delta.reshape(1, n),
+             delta_channels.reshape(-1, n))
+
+  def columns(i):
+    start = jnp.minimum(i * block, n - block)  # the last block ends at n, overlapping
+    idx = start + jnp.arange(block, dtype=start.dtype)
+    vals = [_block_values(s, view, n, idx, start, block) for s in stats]
+    p, m, v, d, chans = (lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(jnp.float32)
+                         for x in sources)
+    x = features.element_columns(vals, p, m, v, d, chans, cfg.eps, fset,
+                                 factored=param.ndim >= 2)
+    return x, idx >= i * block, start
+
+  return columns, -(-n // block)
+
+
+def feature_scales(meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
+                   delta: jax.Array, delta_channels: jax.Array,
+                   block_size: int | None = None) -> jax.Array:
+  """``(F,)`` factors that normalise the feature columns over the whole tensor: column ``f``
+  normalised is ``scale[f] * column f`` (ada-v2: ``rsqrt(1e-5 + mean(x**2))``; ada-v1:
+  ``rsqrt(mean((x / max|x|)**2)) / max|x|``, 0 where either is 0). Computed in blocks of at
+  most ``block_size`` parameters (pass 1 of :func:`blocked_leaf_step`), so no ``(F, N)``
+  matrix is formed; a fused kernel (:mod:`.pallas`) folds them into the MLP's first layer."""
+  n = int(param.size)
+  block = block_length(n, block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
+  columns, num_blocks = _columns_fn(meta, acc, param, delta, delta_channels, block)
+  top, sumsq = _reduce_columns(columns, num_blocks, delta_channels.shape[0],
+                               meta.config.feature_set)
+  if top is None:
+    return lax.rsqrt(features.V2_NORMALIZER_EPS + sumsq / n)
+  ms = sumsq / n
+  ok = (top > 0) & (ms > 0)
+  return jnp.where(ok, lax.rsqrt(jnp.where(ok, ms, 1.0)) / jnp.where(ok, top, 1.0), 0.0)
+
+
+def _reduce_columns(columns, num_blocks: int, num_channels: int, feature_set: str):
+  """Pass 1 over the blocks: ``(None, sum of x**2)`` per column for ada-v2; for ada-v1
+  ``(max |x|, sum of (x / max|x|)**2)``, overflow-safe like :func:`features.normalize`."""
+  zeros = jnp.zeros(features.NUM_ACCUMULATOR_FEATURES + num_channels, jnp.float32)
+  if feature_set == "ada-v2":
+    def reduce_v2(i, sumsq):
+      x, new, _ = columns(i)
+      return sumsq + jnp.sum(jnp.where(new, jnp.square(x), 0.0), axis=1)
+
+    return None, lax.fori_loop(0, num_blocks, reduce_v2, zeros)
+
+  def reduce_v1(i, carry):
+    # Running max |x| and sum((x / max)**2), rescaled when the max grows: x**2 never forms.
+    top, sumsq = carry
+    x, new, _ = columns(i)
+    new_top = jnp.maximum(top, jnp.max(jnp.where(new, jnp.abs(x), 0.0), axis=1))
+    safe = jnp.where(new_top > 0, new_top, 1.0)
+    y = jnp.where(new, x / safe[:, None], 0.0)
+    return new_top, sumsq * jnp.square(top / safe) + jnp.sum(jnp.square(y), axis=1)
+
+  return lax.fori_loop(0, num_blocks, reduce_v1, (zeros, zeros))
+
+
 def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
                       delta: jax.Array, delta_channels: jax.Array, time_feats: jax.Array,
                       block_size: int | None = None) -> jax.Array:
@@ -140,44 +208,13 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
     return reference_leaf_step(meta, acc, param, delta, delta_channels, time_feats)
   cfg = meta.config
   fset = cfg.feature_set
-  view = features.factor_spec(param.shape).view_shape
-  stats = features.factored_statistics(acc, param.shape, fset)
-  sources = (param.reshape(1, n), acc.m.reshape(3, n), acc.v.reshape(1, n), delta.reshape(1, n),
-             delta_channels.reshape(-1, n))
-  num_blocks = -(-n // block)
+  columns, num_blocks = _columns_fn(meta, acc, param, delta, delta_channels, block)
 
-  def columns(i):
-    """Block ``i``'s un-normalised columns ``(F, block)``, which of them are new, its start."""
-    start = jnp.minimum(i * block, n - block)  # the last block ends at n, overlapping
-    idx = start + jnp.arange(block, dtype=start.dtype)
-    vals = [_block_values(s, view, n, idx, start, block) for s in stats]
-    p, m, v, d, chans = (lax.dynamic_slice_in_dim(x, start, block, axis=1).astype(jnp.float32)
-                         for x in sources)
-    x = features.element_columns(vals, p, m, v, d, chans, cfg.eps, fset,
-                                 factored=param.ndim >= 2)
-    return x, idx >= i * block, start
-
-  num_cols = features.NUM_ACCUMULATOR_FEATURES + delta_channels.shape[0]
-  if fset == "ada-v2":
-    def reduce_v2(i, sumsq):
-      x, new, _ = columns(i)
-      return sumsq + jnp.sum(jnp.where(new, jnp.square(x), 0.0), axis=1)
-
-    sumsq = lax.fori_loop(0, num_blocks, reduce_v2, jnp.zeros(num_cols, jnp.float32))
+  top, sumsq = _reduce_columns(columns, num_blocks, delta_channels.shape[0], fset)
+  if top is None:  # ada-v2
     scale = lax.rsqrt(features.V2_NORMALIZER_EPS + sumsq / n)[:, None]
     normalize = lambda x: x * scale
   else:
-    def reduce_v1(i, carry):
-      # Running max |x| and sum((x / max)**2), rescaled when the max grows: x**2 never forms.
-      top, sumsq = carry
-      x, new, _ = columns(i)
-      new_top = jnp.maximum(top, jnp.max(jnp.where(new, jnp.abs(x), 0.0), axis=1))
-      safe = jnp.where(new_top > 0, new_top, 1.0)
-      y = jnp.where(new, x / safe[:, None], 0.0)
-      return new_top, sumsq * jnp.square(top / safe) + jnp.sum(jnp.square(y), axis=1)
-
-    zeros = jnp.zeros(num_cols, jnp.float32)
-    top, sumsq = lax.fori_loop(0, num_blocks, reduce_v1, (zeros, zeros))
     top, ms = top[:, None], (sumsq / n)[:, None]
 
     def normalize(x):  # features.normalize with the tensor-wide max and mean square

@@ -289,7 +289,19 @@ def factored_statistics(acc: AdaAccumulators, shape: tuple[int, ...],
 def element_columns(stats: tuple[jax.Array, ...], param: jax.Array, m: jax.Array, v: jax.Array,
                     delta: jax.Array, delta_channels: jax.Array, eps: float = EPS,
                     feature_set: str = DEFAULT_FEATURE_SET, factored: bool = True) -> jax.Array:
-  """The un-normalised feature columns of a set of parameters, float32 ``(27 + C,) + E``.
+  """The un-normalised feature columns of a set of parameters, float32 ``(27 + C,) + E``: the
+  groups of :func:`element_channels`, concatenated."""
+  return jnp.concatenate(element_channels(stats, param, m, v, delta, delta_channels, eps,
+                                          feature_set, factored))
+
+
+def element_channels(stats: tuple[jax.Array, ...], param: jax.Array, m: jax.Array, v: jax.Array,
+                     delta: jax.Array, delta_channels: jax.Array, eps: float = EPS,
+                     feature_set: str = DEFAULT_FEATURE_SET,
+                     factored: bool = True) -> list[jax.Array]:
+  """The un-normalised feature columns of a set of parameters, as the list of their groups in
+  column order (each ``(k,) + E``, k = 1 or 3, then the C delta channels); concatenated, the
+  ``(27 + C,) + E`` columns. A fused kernel reads them group by group (:mod:`.pallas`).
 
   ``E`` is the shape of the parameters evaluated: the whole view of a tensor
   (:func:`tensor_features`) or a block of its flattened parameters (:mod:`.blocked`). Every
@@ -313,7 +325,7 @@ def element_columns(stats: tuple[jax.Array, ...], param: jax.Array, m: jax.Array
     rsqrt_v = _rsqrt(v, eps)
     chans = [param, tile(m), v, m * rsqrt_v, rsqrt_v, delta * fac, tile(row), tile(col),
              tile(_rsqrt(row, eps)), tile(_rsqrt(col, eps)), m * fac, delta_channels]
-    return jnp.concatenate([jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans])
+    return [jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans]
   safe_rsqrt = lambda x: jax.lax.rsqrt(jnp.maximum(x, V2_SAFE_FLOOR))
   rsqrt_v = jax.lax.rsqrt(v + V2_RMS_EPS)
   if factored:
@@ -331,7 +343,7 @@ def element_columns(stats: tuple[jax.Array, ...], param: jax.Array, m: jax.Array
   chans = [param, tile(m), v, m * rsqrt_v, rsqrt_v, fac_g, row_feat, col_feat,
            jax.lax.rsqrt(row_feat + V2_FACTOR_EPS), jax.lax.rsqrt(col_feat + V2_FACTOR_EPS),
            fac_m, delta_channels]
-  return jnp.concatenate([jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans])
+  return [jnp.broadcast_to(c, c.shape[:1] + shape3[1:]) for c in chans]
 
 
 def tensor_features(acc: AdaAccumulators, param: jax.Array, delta: jax.Array,
