@@ -11,8 +11,14 @@ Measures, in one process and interleaved round-robin so machine noise hits all a
     in blocks of 65,536 rows, the floor of the learned step without its features;
 and reports each time as a ratio to Adam's step measured in the same run.
 
+  * on a GPU, the learned steps with the fused Pallas kernel
+    (``leaf_step=pallas.pallas_leaf_step``, ``transforms/learned/pallas.py``); on a CPU Pallas
+    only interprets, far too slowly for 25M parameters, so those cases run only if named.
+
 Usage:
   python benchmarks/server_step.py [--reps 7] [--scale 1.0] [--out benchmarks/results]
+  python benchmarks/server_step.py --cases adam,lopt_a,lopt_a_pallas,lagg_a_k8,lagg_a_k8_pallas \
+      --reps 20 --out $OUT     # the GPU check (a few minutes on an H100/H200)
 
 ``--scale`` shrinks every channel count (0.25 gives a ~1.6M-parameter tree for a quick check).
 Writes ``server_step.json`` and ``server_step.md`` under ``--out``.
@@ -36,6 +42,7 @@ import optax
 from jax import lax
 
 import optax_localsgd as ol
+from optax_localsgd.transforms.learned import pallas
 from optax_localsgd.transforms.learned.mlp import mlp_apply, reference_leaf_step
 
 K = 8
@@ -94,6 +101,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   ap.add_argument("--skip-unblocked", action="store_true",
                   help="leave out the unblocked learned steps (5-10 GB of temporaries at scale 1)")
+  ap.add_argument("--cases", default=None,
+                  help="comma-separated cases to run (default: all; the *_pallas ones only on "
+                  "a GPU or TPU, where Pallas compiles)")
   args = ap.parse_args(argv)
 
   shapes = resnet50_shapes(args.scale)
@@ -116,7 +126,16 @@ def main(argv=None) -> dict:
       f"lagg_a_k{K}": (ol.lagg_a(lagg, K), stack),
       f"lagg_a_k{K}_block65536": (ol.lagg_a(lagg, K, block_size=2**16), stack),
       f"lagg_a_k{K}_unblocked": (ol.lagg_a(lagg, K, leaf_step=reference_leaf_step), stack),
+      "lopt_a_pallas": (ol.lopt_a(lopt, leaf_step=pallas.pallas_leaf_step), delta),
+      f"lagg_a_k{K}_pallas": (ol.lagg_a(lagg, K, leaf_step=pallas.pallas_leaf_step), stack),
   }
+  if args.cases:
+    unknown = set(args.cases.split(",")) - set(cases)
+    if unknown:
+      raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {sorted(cases)}")
+    cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
+  elif jax.default_backend() not in ("gpu", "tpu"):
+    cases = {k: v for k, v in cases.items() if not k.endswith("pallas")}
   if args.skip_unblocked:
     cases = {k: v for k, v in cases.items() if not k.endswith("unblocked")}
 

@@ -128,7 +128,8 @@ def lopt_a(meta_params: MetaParams, leaf_step: LeafStep | None = None,
     leaf_step: per-tensor features + MLP; ``None`` for the built-in
       :func:`~optax_localsgd.transforms.learned.blocked.blocked_leaf_step`. Replace with a fused
       kernel of the same signature (:class:`optax_localsgd.transforms.learned.mlp.LeafStep`)
-      to speed up large models; ``reference_leaf_step`` is the unblocked original.
+      to speed up large models: ``transforms.learned.pallas.pallas_leaf_step`` is one (a fused
+      Pallas kernel for GPUs); ``reference_leaf_step`` is the unblocked original.
       (The default is ``None`` rather than a function because ``optax.inject_hyperparams``
       takes every callable argument for a schedule; pass ``static_args=("leaf_step",)`` there
       when you give a kernel.)
