@@ -123,8 +123,10 @@ def _card_stubs() -> list[str]:
   out = GENERATED / "model_cards"
   wanted = {}
   for card in _model_cards():
-    rel = card.relative_to(ROOT / "pretrained").with_suffix("")
-    stub = out / rel.with_suffix(".md")
+    # Names may hold dots (``..._top0.01``): strip ".md" by hand, never with with_suffix.
+    rel = card.relative_to(ROOT / "pretrained")
+    rel = rel.with_name(rel.name[:-len(".md")])
+    stub = out / rel.parent / f"{rel.name}.md"
     text = card.read_text(encoding="utf-8")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     title = "" if first.startswith("# ") else f"# `{rel.as_posix()}`\n\n"
@@ -139,7 +141,7 @@ def _card_stubs() -> list[str]:
         old.unlink()
   for stub, text in wanted.items():
     _write_if_changed(stub, text)
-  return sorted(stub.relative_to(DOCS).with_suffix("").as_posix() for stub in wanted)
+  return sorted(stub.relative_to(DOCS).as_posix()[:-len(".md")] for stub in wanted)
 
 
 _CARD_DOCS = _card_stubs()
@@ -161,7 +163,7 @@ def _fill_lists(app, docname: str, source: list[str]) -> None:
         "these pages were built.\n")
     text = text.replace(CARDS_MARKER, body)
   if RESULTS_MARKER in text:
-    results = [p.relative_to(DOCS).with_suffix("").as_posix() for p in _results()]
+    results = [p.relative_to(DOCS).as_posix()[:-len(".md")] for p in _results()]
     body = _toctree(results) if results else (
         "No results yet: no `docs/results/*.md` was found when these pages were built.\n")
     text = text.replace(RESULTS_MARKER, body)
