@@ -222,6 +222,20 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       return deltas, wstates
     return jax.vmap(lambda d, s: compressor.update(d, s))(deltas, wstates)
 
+  def device_workers(params, keys, shards, arrays, wstates):
+    """Inside ``shard_map``: this device's block of workers; their (compressed) deltas, the
+    mean local loss over all K workers, their compressor states."""
+    # Each device's workers train their own copy of the weights. Marking the replicated
+    # params as device-varying keeps autodiff from summing gradients across devices (the
+    # transpose of an implicit replicated->varying cast is a psum).
+    params = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
+    w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
+    deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(params, keys, shards)
+    # Compressed on the worker's own device, before anything crosses devices; the
+    # compressor states never leave their workers' devices.
+    deltas, wstates = compress(deltas, wstates)
+    return deltas, jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k, wstates
+
   def workers(params, keys, data, wstates):
     worker = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, data.arrays)
     if mesh is None:
@@ -231,16 +245,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
       return server_in, jnp.mean(losses), wstates
 
     def block(params, keys, shards, arrays, wstates):
-      # Each device's workers train their own copy of the weights. Marking the replicated
-      # params as device-varying keeps autodiff from summing gradients across devices (the
-      # transpose of an implicit replicated->varying cast is a psum).
-      params = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
-      w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
-      deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(params, keys, shards)
-      # Compressed on the worker's own device, before anything crosses devices; the
-      # compressor states never leave their workers' devices.
-      deltas, wstates = compress(deltas, wstates)
-      loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
+      deltas, loss, wstates = device_workers(params, keys, shards, arrays, wstates)
       if cfg.per_worker_deltas:
         return deltas, loss, wstates  # this device's block of the (K, ...) stack; gathered below.
       return jax.tree.map(
@@ -262,11 +267,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     update = zero.sharded_update(server_tx, n, WORKER_AXIS)
 
     def block(params, keys, shards, arrays, wstates, per_device):
-      varying = jax.tree.map(lambda x: jax.lax.pcast(x, WORKER_AXIS, to="varying"), params)
-      w = _worker_fn(loss_fn, batch_fn, worker_tx, cfg, arrays)
-      deltas, losses = jax.vmap(w, in_axes=(None, 0, 0))(varying, keys, shards)
-      deltas, wstates = compress(deltas, wstates)
-      loss = jax.lax.psum(jnp.sum(losses), WORKER_AXIS) / k
+      deltas, loss, wstates = device_workers(params, keys, shards, arrays, wstates)
       if cfg.per_worker_deltas:
         server_in = zero.scatter_stack(deltas, n, WORKER_AXIS)
       else:
