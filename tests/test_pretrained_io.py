@@ -18,7 +18,7 @@ import pytest
 import safetensors.numpy
 from conftest import bits, random_meta
 
-from optax_localsgd import init_lagg_a, init_lopt_a, lopt_a, pretrained
+from optax_localsgd import compression, init_lagg_a, init_lopt_a, lopt_a, pretrained
 from optax_localsgd.io import locate
 
 _bits = bits
@@ -244,7 +244,10 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
     k = meta.config.num_workers
     if k is not None:
       assert f"_k{k}_" in name
-    assert name.endswith(f"_k{info['K']}_h{info['H']}"), "the name must say K and H"
+    # K and H, then the compressor the weights were meta-trained for (what default_name seeks).
+    comp = compression.from_spec(info.get("compress"))
+    tag = "" if comp is None else f"_{comp.weights_tag()}"
+    assert name.endswith(f"_k{info['K']}_h{info['H']}{tag}"), "the name must say K, H, compressor"
 
 
 def test_a_meta_train_run_directory_loads_its_weights(tmp_path, lopt_meta):
