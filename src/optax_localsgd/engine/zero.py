@@ -7,8 +7,8 @@ multiple of N entries and cut into N equal slices, slice ``i`` on device ``i``. 
 
 1. sums each device's workers' deltas and **reduce-scatters** the sum, so that device ``i``
    receives slice ``i`` of the mean delta (one ``psum_scatter``, the same bytes on the wire as
-   half an all-reduce);
-   (LAgg-A: an all-to-all, so that device ``i`` receives slice ``i`` of every worker's delta);
+   half an all-reduce); for LAgg-A, which reads every worker's delta, an **all-to-all** instead
+   gives device ``i`` slice ``i`` of each of the K deltas;
 2. runs the server transform on its slices alone: ``server_tx.update(delta_slices, state_i,
    param_slices)``, with ``state_i`` its own, built by ``server_tx.init(param_slices)``;
 3. **all-gathers** the updated slices into the new weights, replicated on every device.
@@ -20,9 +20,9 @@ The transform sees each slice as an :class:`optax_localsgd.sharding.ShardSlice` 
 ``(L,)`` slice plus the whole tensor's shape). An **elementwise** server transform, one where a
 parameter's update depends on its own delta, state and value (``local_sgd``, ``slowmo``,
 ``optax.sgd`` with momentum or Nesterov, Adam, chains of these), runs on the slices unchanged.
-``lopt_a`` and ``lagg_a`` recognise the nodes and combine their tensor-wide statistics (the factored second
-moments and the feature normalisers) over the devices with ``psum``, so it too computes the
-replicated step. A transform that reduces over a tensor or the model without knowing of the
+``lopt_a`` and ``lagg_a`` recognise the nodes and combine their tensor-wide statistics (the
+factored second moments and the feature normalisers) over the devices with ``psum``, so they
+too compute the replicated step (``transforms/learned/sharded.py``). A transform that reduces over a tensor or the model without knowing of the
 nodes (``optax.clip_by_global_norm``) would see one slice: do not shard it.
 """
 
@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from optax_localsgd.sharding import ShardSlice, is_shard_slice, slice_length
 
+
 class ShardedServerState(NamedTuple):
   """The server state of a sharded server step.
 
@@ -48,6 +49,11 @@ class ShardedServerState(NamedTuple):
   per_device: Any
 
 
+def _flat_padded(x: jax.Array, num_devices: int) -> jax.Array:
+  """``x`` flattened and zero-padded to ``N * L`` entries, ``L = ceil(x.size / N)``."""
+  return jnp.pad(x.reshape(-1), (0, slice_length(x.size, num_devices) * num_devices - x.size))
+
+
 def local_slices(tree: Any, num_devices: int, axis_name: str) -> Any:
   """Inside ``shard_map``: this device's slice of every leaf (flattened, zero-padded to
   ``N * slice_length`` entries, slice ``axis_index``), as :class:`ShardSlice` nodes."""
@@ -55,9 +61,8 @@ def local_slices(tree: Any, num_devices: int, axis_name: str) -> Any:
 
   def one(x):
     length = slice_length(x.size, num_devices)
-    flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
-    return ShardSlice(jax.lax.dynamic_slice_in_dim(flat, idx * length, length), x.shape,
-                      num_devices, axis_name)
+    return ShardSlice(jax.lax.dynamic_slice_in_dim(_flat_padded(x, num_devices), idx * length,
+                                                   length), x.shape, num_devices, axis_name)
 
   return jax.tree.map(one, tree)
 
@@ -68,8 +73,7 @@ def scatter_mean(tree: Any, num_devices: int, axis_name: str, k: int) -> Any:
   :class:`ShardSlice` nodes."""
 
   def one(x):
-    length = slice_length(x.size, num_devices)
-    flat = jnp.pad(x.reshape(-1), (0, length * num_devices - x.size))
+    flat = _flat_padded(x, num_devices)
     return ShardSlice(jax.lax.psum_scatter(flat, axis_name, scatter_dimension=0, tiled=True) / k,
                       x.shape, num_devices, axis_name)
 
@@ -82,9 +86,8 @@ def scatter_stack(tree: Any, num_devices: int, axis_name: str) -> Any:
   :class:`ShardSlice` nodes (one all-to-all; LAgg-A reads the K deltas of its slice)."""
 
   def one(x):
-    local_k, size = x.shape[0], x[0].size
-    length = slice_length(size, num_devices)
-    flat = jnp.pad(x.reshape(local_k, -1), ((0, 0), (0, length * num_devices - size)))
+    local_k, length = x.shape[0], slice_length(x[0].size, num_devices)
+    flat = jax.vmap(lambda w: _flat_padded(w, num_devices))(x)
     # Slice j of this device's workers goes to device j, which stacks what it receives in
     # device order: worker (device d, local i) lands at row d * K/N + i, its global index.
     out = jax.lax.all_to_all(flat.reshape(local_k, num_devices, length), axis_name,
