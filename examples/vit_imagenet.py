@@ -315,10 +315,9 @@ def train(args: argparse.Namespace) -> int:
 
   key = jax.random.PRNGKey(args.seed)
   params = jax.jit(task.init)(jax.random.fold_in(key, 0))  # jitted: eager init is slow.
-  server_state = (engine.init_round_state(
+  server_state = engine.init_round_state(
       server.tx, trainer.round_config_for(server, args.workers, args.local_steps,
-                                          args.batch_size), params, mesh, shard_server=True)
-                  if shard_server else server.tx.init(params))
+                                          args.batch_size), params, mesh, shard_server)
   run = {"params": params, "server_state": server_state,
          "round": np.zeros((), np.int64), "key": jax.random.fold_in(key, 1)}
   log = {"config": identity, "rounds": [], "train_loss": [], "eval_rounds": [],
@@ -339,11 +338,9 @@ def train(args: argparse.Namespace) -> int:
   dev_data = engine.DeviceData(train_arrays, shards)
   if mesh is None:
     dev_data, state = jax.device_put((dev_data, (run["params"], run["server_state"])))
-  elif shard_server:  # the sharded state is placed by the round function's sharding
+  else:  # the sharded server state is placed by the round function's sharding
     dev_data, params = engine.replicate((dev_data, run["params"]), mesh)
     state = (params, run["server_state"])
-  else:
-    dev_data, state = engine.replicate((dev_data, (run["params"], run["server_state"])), mesh)
   evaluate = trainer.make_evaluator(task, engine.eval_batches(task, val_arrays,
                                                                args.eval_examples))
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)

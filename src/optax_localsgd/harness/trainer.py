@@ -94,8 +94,8 @@ def round_fn_for(task: tasks.Task, server: servers.Server, workers: int, local_s
   ``server.mode == "local"``: K workers take H steps of SGD (``baselines.worker_sgd``), each
   compresses its delta with ``compress`` (if given), then the server step (over ``mesh``'s
   "workers" axis when given, sharded over it with ``shard_server``); its state is
-  ``engine.init_round_state(server.tx, round_config_for(...), params[, mesh, shard_server])``. ``"data_parallel"``: one step of the server optimizer on
-  K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
+  ``engine.init_round_state(server.tx, round_config_for(...), params[, mesh, shard_server])``.
+  ``"data_parallel"``: one step of the server optimizer on K·H·B examples. ``local_lr`` may be a traced value (sweeps vmap over it).
   """
   round_cfg = round_config_for(server, workers, local_steps, batch_size, compress)
   batch_fn = engine.batch_fn_for(task)
