@@ -59,6 +59,10 @@ class ShardSlice:
     start = jax.lax.axis_index(self.axis_name) * self.length
     return start + jnp.arange(self.length, dtype=jnp.int32)
 
+  def like(self, data: Any) -> "ShardSlice":
+    """``data`` as a slice of the same tensor (same shape, shards and axis)."""
+    return ShardSlice(data, self.shape, self.num_shards, self.axis_name)
+
   def tree_flatten(self):
     return (self.data,), (self.shape, self.num_shards, self.axis_name)
 

@@ -92,7 +92,7 @@ def init_round_state(server_tx: optax.GradientTransformation, cfg: RoundConfig,
   ShardedServerState`: each device's state of its slices of ``params``.
   """
   if shard_server:
-    _check_shard_server(mesh, cfg)
+    _check_shard_server(mesh)
     server = zero.init_sharded_server_state(server_tx, params, mesh, WORKER_AXIS)
   else:
     server = server_tx.init(params)
@@ -101,7 +101,7 @@ def init_round_state(server_tx: optax.GradientTransformation, cfg: RoundConfig,
   return CompressedState(server, cfg.compression.init_workers(params, cfg.num_workers))
 
 
-def _check_shard_server(mesh: Mesh | None, cfg: RoundConfig) -> None:
+def _check_shard_server(mesh: Mesh | None) -> None:
   if mesh is None:
     raise ValueError("shard_server=True shards the server step over the devices of a mesh: "
                      "pass mesh=engine.worker_mesh().")
@@ -212,7 +212,7 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
   k = cfg.num_workers
   check_worker_mesh(mesh, k, "workers")
   if shard_server:
-    _check_shard_server(mesh, cfg)
+    _check_shard_server(mesh)
 
   compressor = None if cfg.compression is None else cfg.compression.transform()
 
@@ -284,6 +284,10 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
   def split_state(state):
     """``(server state, stacked worker compressor states)``; ``()`` for the latter without
     compression. Checked at trace time, so a mix-up is a clear error, not a shape error."""
+    server = state.server if isinstance(state, CompressedState) else state
+    if shard_server and not isinstance(server, zero.ShardedServerState):
+      raise ValueError("shard_server=True needs the state of engine.init_round_state(server_tx, "
+                       "cfg, params, mesh, shard_server=True).")
     if cfg.compression is None:
       if isinstance(state, CompressedState):
         raise ValueError("server_state is a CompressedState, but RoundConfig.compression is "
@@ -305,9 +309,6 @@ def make_round_fn(loss_fn: LossFn, batch_fn: BatchFn, worker_tx: optax.GradientT
     sstate, wstates = split_state(server_state)
     keys = jax.random.split(key, k)
     if shard_server:
-      if not isinstance(sstate, zero.ShardedServerState):
-        raise ValueError("shard_server=True needs the state of engine.init_round_state(server_tx, "
-                         "cfg, params, mesh, shard_server=True).")
       upd, train_loss, wstates, per_device = workers_and_sharded_server(
           params, keys, data, wstates, sstate.per_device)
       new_params, sstate = zero.assemble(upd, params, mesh), zero.ShardedServerState(per_device)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_localsgd.sharding import ShardSlice, is_shard_slice
+from optax_localsgd.sharding import is_shard_slice
 from optax_localsgd.transforms import _validation
 from optax_localsgd.transforms.learned import blocked, features, sharded
 from optax_localsgd.transforms.learned.params import MetaParams
@@ -64,19 +64,6 @@ def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafSt
     return LearnedOptState(count=jnp.zeros([], jnp.int32),
                            accumulators=jax.tree.map(init, params, is_leaf=is_shard_slice))
 
-  def sharded_one(p, d, acc, dec, fset, time_feats):
-    """One device's slice of a tensor (engine.make_round_fn(..., shard_server=True))."""
-    if custom_step:
-      raise ValueError(f"{name} got a custom leaf_step, which works on whole tensors; the "
-                       f"sharded server step runs its own. Use shard_server=False.")
-    # LAgg-A: ``d`` holds the K workers' deltas of this slice, ``(K, L)``.
-    channels = d.data[None] if num_workers is None else d.data
-    mean_d = d if num_workers is None else ShardSlice(
-        jnp.mean(d.data.astype(jnp.float32), axis=0), d.shape, d.num_shards, d.axis_name)
-    acc = sharded.update_accumulators(acc, mean_d, dec, fset)
-    step = sharded.leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
-    return ShardSlice(step.astype(p.data.dtype), p.shape, p.num_shards, p.axis_name), acc
-
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
@@ -93,10 +80,20 @@ def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafSt
     time_feats = features.time_features(state.count, fset)
 
     def one(p, d, acc):
-      if is_shard_slice(p):
-        return sharded_one(p, d, acc, dec, fset, time_feats)
-      mean_d = d if num_workers is None else jnp.mean(d.astype(jnp.float32), axis=0)
-      channels = mean_d[None] if num_workers is None else d
+      # ``p`` and ``d`` are ShardSlices under the sharded server step (engine.make_round_fn(
+      # ..., shard_server=True)): one device's slice of a tensor, for LAgg-A ``(K, L)``.
+      sliced = is_shard_slice(p)
+      if sliced and custom_step:
+        raise ValueError(f"{name} got a custom leaf_step, which works on whole tensors; the "
+                         f"sharded server step runs its own. Use shard_server=False.")
+      raw = d.data if sliced else d
+      mean_d = raw if num_workers is None else jnp.mean(raw.astype(jnp.float32), axis=0)
+      channels = mean_d[None] if num_workers is None else raw
+      if sliced:
+        mean_d = p.like(mean_d)
+        acc = sharded.update_accumulators(acc, mean_d, dec, fset)
+        step = sharded.leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
+        return p.like(step.astype(p.data.dtype)), acc
       acc = features.update_accumulators(acc, mean_d, dec, fset)
       step = leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
       return step.astype(p.dtype), acc
