@@ -98,14 +98,18 @@ def scatter_stack(tree: Any, num_devices: int, axis_name: str) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _as_block(state: Any) -> Any:
+  """One device's state as its block of the stacked ``per_device`` (a leading axis of 1)."""
+  return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+
+
 def init_sharded_server_state(server_tx: optax.GradientTransformation, params: Any,
                               mesh: Mesh, axis_name: str) -> ShardedServerState:
   """Each device's ``server_tx.init`` of its slices of ``params``, stacked and sharded."""
   n = mesh.shape[axis_name]
 
   def init(p):
-    state = server_tx.init(local_slices(p, n, axis_name))
-    return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+    return _as_block(server_tx.init(local_slices(p, n, axis_name)))
 
   per_device = jax.jit(jax.shard_map(init, mesh=mesh, in_specs=P(), out_specs=P(axis_name)))(
       params)
@@ -123,7 +127,7 @@ def sharded_update(server_tx: optax.GradientTransformation, num_devices: int,
     slices = local_slices(params, num_devices, axis_name)
     upd, state = server_tx.update(delta_slices, state, slices)
     upd = jax.tree.map(lambda u: u.data if is_shard_slice(u) else u, upd, is_leaf=is_shard_slice)
-    return upd, jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+    return upd, _as_block(state)
 
   return update
 

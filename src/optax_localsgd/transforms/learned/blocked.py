@@ -159,6 +159,19 @@ def feature_scales(meta: MetaParams, acc: features.AdaAccumulators, param: jax.A
   return jnp.where(ok, lax.rsqrt(jnp.where(ok, ms, 1.0)) / jnp.where(ok, top, 1.0), 0.0)
 
 
+def normalize_columns(x: jax.Array, top: jax.Array | None, sumsq: jax.Array,
+                      n: int) -> jax.Array:
+  """Columns ``x`` ``(F, B)`` normalised with reductions over the whole tensor of ``n``
+  parameters: ada-v2 (``top`` None), ``x * rsqrt(1e-5 + sumsq / n)`` with ``sumsq`` the sum of
+  ``x**2``; ada-v1, :func:`features.normalize` with ``top`` the maximum ``|x|`` and ``sumsq``
+  the sum of ``(x / top)**2``. Shared by the blocked and the sharded step."""
+  if top is None:
+    return x * lax.rsqrt(features.V2_NORMALIZER_EPS + sumsq / n)[:, None]
+  top, ms = top[:, None], (sumsq / n)[:, None]
+  y = jnp.where(top > 0, x / jnp.where(top > 0, top, 1.0), 0.0)
+  return jnp.where(ms > 0, y * lax.rsqrt(jnp.where(ms > 0, ms, 1.0)), 0.0)
+
+
 def _reduce_columns(columns, num_blocks: int, num_channels: int, feature_set: str):
   """Pass 1 over the blocks: ``(None, sum of x**2)`` per column for ada-v2; for ada-v1
   ``(max |x|, sum of (x / max|x|)**2)``, overflow-safe like :func:`features.normalize`."""
@@ -211,15 +224,7 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
   columns, num_blocks = _columns_fn(meta, acc, param, delta, delta_channels, block)
 
   top, sumsq = _reduce_columns(columns, num_blocks, delta_channels.shape[0], fset)
-  if top is None:  # ada-v2
-    scale = lax.rsqrt(features.V2_NORMALIZER_EPS + sumsq / n)[:, None]
-    normalize = lambda x: x * scale
-  else:
-    top, ms = top[:, None], (sumsq / n)[:, None]
-
-    def normalize(x):  # features.normalize with the tensor-wide max and mean square
-      y = jnp.where(top > 0, x / jnp.where(top > 0, top, 1.0), 0.0)
-      return jnp.where(ms > 0, y * lax.rsqrt(jnp.where(ms > 0, ms, 1.0)), 0.0)
+  normalize = lambda x: normalize_columns(x, top, sumsq, n)
 
   def step(i, out):
     x, _, start = columns(i)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_localsgd.sharding import ShardSlice
-from optax_localsgd.transforms.learned import features
+from optax_localsgd.transforms.learned import blocked, features
 from optax_localsgd.transforms.learned.blocked import _reduced_index
 from optax_localsgd.transforms.learned.mlp import mlp_apply
 from optax_localsgd.transforms.learned.params import MetaParams
@@ -108,13 +108,13 @@ def leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ShardSlice
   x = features.element_columns(vals, f32(param.data)[None], acc.m, acc.v[None],
                                f32(delta.data)[None], f32(delta_channels), cfg.eps, fset,
                                factored=len(shape) >= 2)
+  # The normalisers' reductions over the whole tensor: partial over this slice, then psum.
+  sum_valid = lambda y: lax.psum(jnp.sum(jnp.where(valid, y, 0.0), axis=1), axis)
   if fset == "ada-v2":
-    sumsq = lax.psum(jnp.sum(jnp.where(valid, jnp.square(x), 0.0), axis=1), axis)
-    x = x * lax.rsqrt(features.V2_NORMALIZER_EPS + sumsq / n)[:, None]
-  else:  # features.normalize with the tensor-wide max |x| and mean square
-    top = lax.pmax(jnp.max(jnp.where(valid, jnp.abs(x), 0.0), axis=1), axis)[:, None]
-    y = jnp.where(top > 0, x / jnp.where(top > 0, top, 1.0), 0.0)
-    ms = (lax.psum(jnp.sum(jnp.where(valid, jnp.square(y), 0.0), axis=1), axis) / n)[:, None]
-    x = jnp.where(ms > 0, y * lax.rsqrt(jnp.where(ms > 0, ms, 1.0)), 0.0)
+    top, sumsq = None, sum_valid(jnp.square(x))
+  else:
+    top = lax.pmax(jnp.max(jnp.where(valid, jnp.abs(x), 0.0), axis=1), axis)
+    sumsq = sum_valid(jnp.square(x / jnp.where(top > 0, top, 1.0)[:, None]))
+  x = blocked.normalize_columns(x, top, sumsq, n)
   d, m = mlp_apply(meta.mlp, x.T, time_feats)
   return jnp.where(valid, -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m), 0.0)
