@@ -9,6 +9,7 @@ import json
 import pathlib
 import sys
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from optax_localsgd import cli_federated, compression, tasks
 from optax_localsgd.data import CorruptDatasetError, DatasetNotFoundError
@@ -220,7 +221,16 @@ def _weights_flags(args, weights: dict) -> dict:
   return weights
 
 
-def _evaluation(args, methods: tuple[str, ...], compress: str | None, cache: pathlib.Path):
+class _Evaluation(NamedTuple):
+  cfg: Any
+  runs: dict
+  summary: dict
+  hparams_key: str  # the entry the baselines' hyperparameters came from
+  own_key: str  # this setting's own entry (differs from hparams_key when borrowed)
+
+
+def _evaluation(args, methods: tuple[str, ...], comp: compression.Compression | None,
+                cache: pathlib.Path) -> _Evaluation:
   """One compressor's evaluation: its config, runs, summary and hyperparameter key.
 
   With a compressor, the baselines take the entry ``KEY/SPEC`` of the hyperparameter file
@@ -230,7 +240,6 @@ def _evaluation(args, methods: tuple[str, ...], compress: str | None, cache: pat
   """
   from optax_localsgd import pretrained
   from optax_localsgd.harness import evaluation, sweep
-  comp = compression.from_flag(compress)
   spec = None if comp is None else comp.spec()
   weights = {m: name for m in methods if (name := pretrained.default_name(
       m, args.task, args.workers, args.local_steps, comp and comp.weights_tag()))}
@@ -257,7 +266,7 @@ def _evaluation(args, methods: tuple[str, ...], compress: str | None, cache: pat
     summary[m]["hparams"] = ({"weights": weights[m], "local_lr": runs[m][0]["config"]["local_lr"]}
                              if m in weights else hparams[m])
     summary[m]["bits_per_round"] = runs[m][0].get("bits_per_round")
-  return cfg, runs, summary, key, own_key
+  return _Evaluation(cfg, runs, summary, key, own_key)
 
 
 def cmd_evaluate(args) -> int:
@@ -272,32 +281,32 @@ def cmd_evaluate(args) -> int:
   args.batch_size = args.batch_size or 128
   methods = tuple((args.methods or ",".join(evaluation.BASELINES + evaluation.LEARNED))
                   .split(","))
-  specs = [None if s.strip().lower() == "none" else s.strip()
-           for s in (args.compress or "none").split(",")]
-  comps = [compression.from_flag(s) for s in specs]  # every bad spec fails before any run
+  # Every bad spec fails here, before any run; "none" parses to None.
+  comps = [compression.from_flag(s) for s in (args.compress or "none").split(",")]
   setting = f"{args.task}_k{args.workers}_h{args.local_steps}"
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   command = "optax-localsgd " + " ".join(args.argv)
-  if len(specs) > 1:
+  if len(comps) > 1:
     name = args.name or f"{setting}_compressed"
-    results = [_evaluation(args, methods, s, pathlib.Path(args.cache) / name / compressed.slug(
-        None if c is None else c.spec())) for s, c in zip(specs, comps)]
-    cfgs, runs, summaries, keys = ([r[i] for r in results] for i in range(4))
+    evs = [_evaluation(args, methods, c, pathlib.Path(args.cache) / name / compressed.slug(
+        None if c is None else c.spec())) for c in comps]
+    cfgs, runs = [e.cfg for e in evs], [e.runs for e in evs]
     plotted = _save_plot(lambda p: compressed.plot(cfgs, runs, p), out / f"{name}.png")
-    text = compressed.markdown(cfgs, summaries, keys, command, f"{name}.png" if plotted else None)
+    text = compressed.markdown(cfgs, [e.summary for e in evs], [e.hparams_key for e in evs],
+                               command, f"{name}.png" if plotted else None)
     payload = {"command": command, "settings": [
-        {"compress": c.compress, "hparams_key": k, "summary": s}
-        for c, k, s in zip(cfgs, keys, summaries)]}
+        {"compress": e.cfg.compress, "hparams_key": e.hparams_key, "summary": e.summary}
+        for e in evs]}
   else:
     tag = "" if comps[0] is None else f"_{comps[0].weights_tag()}"
     name = args.name or setting + tag
-    cfg, runs, summary, key, own_key = _evaluation(args, methods, specs[0],
-                                                   pathlib.Path(args.cache) / name)
-    plotted = _save_plot(lambda p: report.plot_curves(cfg, runs, p), out / f"{name}.png")
-    text = report.markdown(cfg, summary, command, f"{name}.png" if plotted else None,
-                           borrowed_hparams_key=key if key != own_key else None)
-    payload = {"command": command, "hparams_key": key, "summary": summary}
+    e = _evaluation(args, methods, comps[0], pathlib.Path(args.cache) / name)
+    plotted = _save_plot(lambda p: report.plot_curves(e.cfg, e.runs, p), out / f"{name}.png")
+    text = report.markdown(e.cfg, e.summary, command, f"{name}.png" if plotted else None,
+                           borrowed_hparams_key=(e.hparams_key if e.hparams_key != e.own_key
+                                                 else None))
+    payload = {"command": command, "hparams_key": e.hparams_key, "summary": e.summary}
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
   print(text)

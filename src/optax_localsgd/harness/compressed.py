@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_localsgd.harness import evaluation
+from optax_localsgd.harness import evaluation, report
 from optax_localsgd.harness.report import _fmt
 from optax_localsgd.util.plotting import figure
 
@@ -39,13 +39,6 @@ def label(spec: str | None) -> str:
 def slug(spec: str | None) -> str:
   """A file-name-safe form of a spec (the cache folder of its runs): ``top_k_0.01``."""
   return "none" if spec is None else spec.replace(":", "_")
-
-
-def _mean_curve(hists: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  rounds = np.asarray(hists[0]["eval_rounds"])
-  losses = np.asarray([h["global_train_loss"] for h in hists
-                       if len(h["global_train_loss"]) == len(rounds)], np.float64)
-  return rounds, np.nanmean(losses, axis=0)
 
 
 def markdown(cfgs: Sequence[evaluation.EvalConfig],
@@ -120,7 +113,8 @@ def plot(cfgs: Sequence[evaluation.EvalConfig], runs: Sequence[Mapping[str, list
   for i, (cfg, by_method) in enumerate(zip(cfgs, runs)):
     style = LINE_STYLES[i % len(LINE_STYLES)]
     for m in cfg.methods:
-      rounds, mean = _mean_curve(by_method[m])
+      rounds, losses = report.seed_curves(by_method[m])
+      mean = np.nanmean(losses, axis=0)
       bits = by_method[m][0].get("bits_per_round")
       if bits:
         keep = rounds > 0  # round 0 has sent nothing: log2(0) is not on the axis

@@ -77,16 +77,22 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
   return "\n".join(lines) + "\n"
 
 
+def seed_curves(hists: Sequence[Mapping[str, Any]],
+                key: str = "global_train_loss") -> tuple[np.ndarray, np.ndarray]:
+  """``(eval rounds, values (seeds, rounds))`` of ``key`` over the runs of one method; a run
+  that stopped early or lacks ``key`` is left out (0 rows if none has it)."""
+  rounds = np.asarray(hists[0]["eval_rounds"])
+  values = np.asarray([h[key] for h in hists if len(h.get(key, ())) == len(rounds)], np.float64)
+  return rounds, values.reshape(-1, len(rounds))
+
+
 def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
                 path: pathlib.Path) -> None:
   """Mean training loss over seeds (line) and its min-max band, per method, log-scale."""
   fig = figure(figsize=(7, 4.5), layout="tight")
   ax = fig.subplots()
   for m in cfg.methods:
-    hists = runs[m]
-    rounds = np.asarray(hists[0]["eval_rounds"])
-    losses = np.asarray([h["global_train_loss"] for h in hists if
-                         len(h["global_train_loss"]) == len(rounds)], np.float64)
+    rounds, losses = seed_curves(runs[m])
     mean = np.nanmean(losses, axis=0)
     (line,) = ax.plot(rounds, mean, label=evaluation.LABELS[m], lw=1.5)
     ax.fill_between(rounds, np.nanmin(losses, 0), np.nanmax(losses, 0), alpha=0.15,
@@ -111,11 +117,8 @@ def plot_federated(setting, methods: Sequence[str], runs: Mapping[str, list[dict
   fig = figure(figsize=(11, 4.2), layout="constrained")
   ax_a, ax_l = fig.subplots(1, 2)
   for m in methods:
-    hists = runs[m]
-    rounds = np.asarray(hists[0]["eval_rounds"])
     for ax, key in ((ax_a, "eval_test_accuracy"), (ax_l, "global_train_loss")):
-      ys = np.asarray([h[key] for h in hists if len(h.get(key, ())) == len(rounds)],
-                      np.float64)
+      rounds, ys = seed_curves(runs[m], key)
       if not len(ys):
         continue  # no test split on disk, or every seed stopped early
       (line,) = ax.plot(rounds, np.nanmean(ys, 0), label=LABELS[m], lw=1.4)
