@@ -170,19 +170,28 @@ def _perturb_leaves(flag: str | None) -> tuple[str, ...] | None:
 
 def meta_train_config(args):
   """The :class:`~optax_localsgd.meta.train.MetaTrainConfig` of parsed ``meta-train`` flags."""
+  from optax_localsgd.harness.federated import FederatedTrainConfig
   from optax_localsgd.meta.problem import PESConfig
-  from optax_localsgd.meta.train import MetaTrainConfig
+  from optax_localsgd.meta.train import FederatedMeta, MetaTrainConfig
+  cli_federated.check_mode(args, ("workers", "local_steps", "compress"))
+  fed, workers, batch_size = None, args.workers, args.batch_size or 128
+  if args.federated:
+    d = FederatedTrainConfig()
+    fed = FederatedMeta(args.alpha, args.clients or d.num_clients,
+                        args.local_epochs or d.local_epochs)
+    workers = args.clients_per_round or d.clients_per_round
+    batch_size = args.batch_size or d.batch_size
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
                   lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip,
                   grad_clip=args.grad_clip, perturb=_perturb_leaves(args.perturb))
   return MetaTrainConfig(
-      optimizer=args.optimizer, tasks=tuple(args.task), workers=args.workers,
-      local_steps=args.local_steps, batch_size=args.batch_size, local_lr=args.local_lr,
+      optimizer=args.optimizer, tasks=tuple(args.task), workers=workers,
+      local_steps=args.local_steps, batch_size=batch_size, local_lr=args.local_lr,
       tasks_per_estimate=args.tasks_per_estimate, pes=pes, seed=args.seed,
       checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, init_from=args.init_from,
       feature_set=args.feature_set, output_init_scale=args.output_init_scale,
-      compress=args.compress, nominal_init=args.nominal_init)
+      compress=args.compress, nominal_init=args.nominal_init, federated=fed)
 
 
 def cmd_meta_train(args) -> int:
@@ -397,13 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
       "meta-train", help="meta-train LOpt-A or LAgg-A with PES",
       description="Meta-train a learned server optimizer with persistent evolution strategies "
       "(paper Algorithm 2). Writes OUT/checkpoint.npz (every --checkpoint-every steps and on "
-      "Ctrl-C), OUT/log.json, OUT/meta_loss.png and, at the end, OUT/weights.safetensors.")
+      "Ctrl-C), OUT/log.json, OUT/meta_loss.png and, at the end, OUT/weights.safetensors. "
+      "With --federated --alpha A, the inner problems are federated (FedLOpt, paper appendix "
+      "E.6): K of N Dirichlet-skewed clients per round, E local epochs of batches of B.")
   m.add_argument("--optimizer", required=True, choices=("lopt_a", "lagg_a"))
   m.add_argument("--task", action="append", required=True, metavar="TASK",
                  help="task to meta-train on; repeat for a multi-task meta-batch")
   m.add_argument("--workers", "-K", type=int, default=8)
   m.add_argument("--local-steps", "-H", type=int, default=4)
-  m.add_argument("--batch-size", "-B", type=int, default=128)
+  m.add_argument("--batch-size", "-B", type=int, default=None,
+                 help="examples per worker per local step (default 128; with --federated 20)")
   m.add_argument("--local-lr", type=float, default=0.3, help="workers' SGD learning rate")
   m.add_argument("--outer-steps", type=int, default=5000)
   m.add_argument("--tasks-per-estimate", type=int, default=8)
@@ -450,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write OUT/weights.safetensors even when stopping early (with --resume "
                  "--stop-after 0: export the checkpoint as it is)")
   _add_compress_arg(m)
+  cli_federated.add_federated_args(m)
   m.add_argument("--quiet", action="store_true")
-  m.set_defaults(fn=cmd_meta_train)
+  m.set_defaults(fn=cmd_meta_train, subparser=m)
   e = sub.add_parser(
       "evaluate", help="compare the learned optimizers with tuned baselines (Tables 2-3)",
       description="Train every method on held-out seeds and write OUT/NAME.md (table), "

@@ -111,14 +111,34 @@ class PESConfig:
 class TaskGroup:
   """``num_tasks`` optimizees of one task (same data and architecture, different inits).
 
+  ``round_cfg``: a :class:`engine.RoundConfig` (K workers on homogeneous shards, data an
+  :class:`engine.DeviceData`) or a :class:`engine.FederatedConfig` (K of N clients sampled
+  every round, paper appendix E.6; data an :class:`engine.ClientData`).
   ``init_loss``: the task's training loss at initialisation (nats), the scale of
   :attr:`PESConfig.loss_clip`; needed only when that guard is on (:func:`initial_loss`).
   """
   task: tasks.Task
   num_tasks: int
-  round_cfg: engine.RoundConfig
+  round_cfg: engine.RoundConfig | engine.FederatedConfig
   local_lr: float
   init_loss: float | None = None
+
+  @property
+  def federated(self) -> bool:
+    return isinstance(self.round_cfg, engine.FederatedConfig)
+
+  def round_fn(self, server: optax.GradientTransformation):
+    """``round_fn(params, state, key, data)`` of local SGD (or a federated round) under
+    ``server``, the workers (clients) running SGD at :attr:`local_lr`."""
+    make = engine.make_federated_round_fn if self.federated else engine.make_round_fn
+    return make(self.task.loss, engine.batch_fn_for(self.task),
+                baselines.worker_sgd(self.local_lr), server, self.round_cfg)
+
+  def init_state(self, server: optax.GradientTransformation, params):
+    """The round state an inner problem starts from."""
+    if self.federated:
+      return engine.init_federated_state(server, self.round_cfg, params)
+    return engine.init_round_state(server, self.round_cfg, params)
 
   def loss_cap(self, pcfg: PESConfig) -> float | None:
     """The per-round meta-loss cap, or ``None`` when the divergence guard is off."""
@@ -185,7 +205,7 @@ def _fresh(group: TaskGroup, theta: MetaParams, key):
   """A new inner problem: the same fresh params for both signs, zero server state (and fresh
   worker compressor states, when the round compresses)."""
   params = group.task.init(_init_key(key))
-  state = engine.init_round_state(_server(theta), group.round_cfg, params)
+  state = group.init_state(_server(theta), params)
   two = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
   return two(params), two(state)
 
@@ -215,14 +235,10 @@ def init_meta_state(theta: MetaParams, groups: tuple[TaskGroup, ...], key,
 
 def _unroll_fn(group: TaskGroup, truncation: int, data: engine.DeviceData,
                cap: float | None = None):
-  task = group.task
-  batch_fn = engine.batch_fn_for(task)
-
   def unroll(theta, inner, key_and_start):
     key, start = key_and_start
     params, sstate = inner
-    round_fn = engine.make_round_fn(task.loss, batch_fn, baselines.worker_sgd(group.local_lr),
-                                    _server(theta), group.round_cfg)
+    round_fn = group.round_fn(_server(theta))
 
     def body(carry, r):
       p, s = carry
@@ -335,7 +351,7 @@ def evaluate_meta_loss(theta: MetaParams, group: TaskGroup, data: engine.DeviceD
   def one(seed):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 12345)
     params = group.task.init(_init_key(key))
-    state = engine.init_round_state(_server(theta), group.round_cfg, params)
+    state = group.init_state(_server(theta), params)
     return unroll(theta, (params, state), (key, jnp.int32(0)))[1]
 
   return jnp.mean(jnp.stack([one(s) for s in seeds]))

@@ -43,6 +43,28 @@ INIT_LOSS_EXAMPLES = 2000
 
 
 @dataclasses.dataclass(frozen=True)
+class FederatedMeta:
+  """Meta-train in the federated setting (paper appendix E.6, FedLOpt): the training split is
+  cut among ``num_clients`` clients with Dirichlet(``alpha``) label skew, every round samples K
+  of them (:attr:`MetaTrainConfig.workers`) and each runs ``local_epochs`` epochs of SGD on
+  batches of :attr:`MetaTrainConfig.batch_size` (``engine.make_federated_round_fn``). The
+  partition is drawn once per task group, from the run's seed (plus the group's index).
+  """
+  alpha: float
+  num_clients: int = 400
+  local_epochs: float = 1.0
+
+  def __post_init__(self):
+    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)
+            and self.alpha > 0):
+      raise UsageError(f"--alpha must be a finite number > 0, got {self.alpha!r}.")
+    if not isinstance(self.num_clients, int) or self.num_clients < 1:
+      raise UsageError(f"--clients must be an integer >= 1, got {self.num_clients!r}.")
+    if not (math.isfinite(self.local_epochs) and self.local_epochs > 0):
+      raise UsageError(f"--local-epochs must be a finite number > 0, got {self.local_epochs!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
   """A meta-training run.
 
@@ -70,6 +92,9 @@ class MetaTrainConfig:
       Nesterov step with that learning rate and momentum
       (:func:`optax_localsgd.transforms.learned.nominal.nesterov_init`); ``None``: the plain
       init. Not with ``init_from``.
+    federated: meta-train in the federated setting (:class:`FederatedMeta`; ``workers`` is
+      then K, the clients sampled per round, and ``local_steps`` is unused: each client runs
+      its own ``ceil(E * n_i / B)`` steps); ``None``: K workers on homogeneous shards.
   """
   optimizer: str = "lopt_a"
   tasks: tuple[str, ...] = ("fmnist_mlp",)
@@ -87,9 +112,17 @@ class MetaTrainConfig:
   output_init_scale: float = 1.0
   compress: str | None = None
   nominal_init: str | None = None
+  federated: FederatedMeta | None = None
 
   def __post_init__(self):
     self.compressor()  # a bad spec fails here, before any data is loaded
+    if self.federated is not None:
+      if self.compress is not None:
+        raise UsageError("--compress is not supported with --federated: the federated round "
+                         "sends its clients' deltas uncompressed.")
+      if self.workers > self.federated.num_clients:
+        raise UsageError(f"cannot sample K={self.workers} clients per round of "
+                         f"N={self.federated.num_clients} without replacement.")
     if self.nominal_init is not None:
       self.nominal()
       if self.init_from is not None:
@@ -173,6 +206,10 @@ class MetaTrainConfig:
       d.pop("compress")
     if self.nominal_init is None:
       d.pop("nominal_init")
+    if self.federated is None:
+      d.pop("federated")
+    else:
+      d.pop("local_steps")  # unused: each client's step count comes from its data
     d["tasks"] = list(self.tasks)
     return d
 
@@ -193,18 +230,36 @@ def initial_theta(cfg: MetaTrainConfig) -> MetaParams:
   return jax.tree.map(jnp.asarray, theta)
 
 
+def _inner_data(cfg: MetaTrainConfig, task: tasks.Task, arrays, seed: int):
+  """``(round config, device data)`` of one task group: K workers on homogeneous shards, or
+  with :attr:`MetaTrainConfig.federated` N Dirichlet-skewed clients drawn from ``seed``."""
+  per_worker = cfg.optimizer == "lagg_a"
+  fed = cfg.federated
+  if fed is None:
+    round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size,
+                                   per_worker_deltas=per_worker, compression=cfg.compressor())
+    n = tasks.num_items(task, arrays)
+    return round_cfg, engine.DeviceData(arrays, data.split_homogeneous(n, cfg.workers, seed))
+  if task.kind != "classification":
+    raise UsageError(f"--federated splits the data by label: {task.name} is a {task.kind} "
+                     f"task, not a classification one.")
+  try:
+    parts = data.dirichlet_partition(np.asarray(arrays["y"]), fed.num_clients, fed.alpha, seed)
+  except ValueError as e:  # e.g. more clients than examples
+    raise UsageError(f"Cannot partition {task.name}'s training split: {e}") from None
+  cdata = engine.client_data(arrays, parts)
+  return (engine.federated_config(cdata.sizes, cfg.workers, cfg.batch_size, fed.local_epochs,
+                                  per_worker), cdata)
+
+
 def _setup(cfg: MetaTrainConfig):
   per_task = cfg.tasks_per_estimate // len(cfg.tasks)
-  round_cfg = engine.RoundConfig(cfg.workers, cfg.local_steps, cfg.batch_size,
-                                 per_worker_deltas=cfg.optimizer == "lagg_a",
-                                 compression=cfg.compressor())
   groups, datas = [], []
   for i, name in enumerate(cfg.tasks):
     task = tasks.from_spec(name)
     arrays = tasks.load_split(task, "train", cfg.data_dir)
-    n = tasks.num_items(task, arrays)
-    datas.append(jax.device_put(engine.DeviceData(
-        arrays, data.split_homogeneous(n, cfg.workers, cfg.seed + i))))
+    round_cfg, inner_data = _inner_data(cfg, task, arrays, cfg.seed + i)
+    datas.append(jax.device_put(inner_data))
     init_loss = (None if cfg.pes.loss_clip is None else initial_loss(
         task, engine.eval_batches(task, arrays, INIT_LOSS_EXAMPLES), cfg.seed + i))
     groups.append(TaskGroup(task, per_task, round_cfg, cfg.local_lr, init_loss))
@@ -326,7 +381,10 @@ def _export(path: pathlib.Path, state, cfg: MetaTrainConfig, log: dict,
   """Write θ as a weight file with the run's metadata (``pretrained.load`` reads it)."""
   final = [x for x in log["meta_loss"][-50:] if math.isfinite(x)]
   pretrained.save(path, jax.device_get(state.theta), {
-      "optimizer": cfg.optimizer, "K": cfg.workers, "H": cfg.local_steps,
+      "optimizer": cfg.optimizer, "K": cfg.workers,
+      # Federated: each client runs ceil(E * n_i / B) steps, so there is no single H.
+      "H": None if cfg.federated else cfg.local_steps,
+      "federated": None if cfg.federated is None else dataclasses.asdict(cfg.federated),
       "batch_size": cfg.batch_size, "local_lr": cfg.local_lr, "tasks": list(cfg.tasks),
       "outer_steps": int(state.step), "outer_steps_planned": cfg.pes.outer_steps,
       "pes": dataclasses.asdict(cfg.pes),
