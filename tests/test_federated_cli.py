@@ -138,6 +138,79 @@ def test_a_diverged_run_is_counted_apart_not_averaged_as_chance_accuracy():
   md = report.federated_markdown(setting, ["fedavg", "scaffold"], [1, 2, 3], table, "cmd")
   assert "| FedAvg | 0.9000 ± 0.0000 | 0.2000 ± 0.0000 | – |" in md, md
   assert "| SCAFFOLD | 0.8000 (1/3) | 0.3000 (1/3) | 2/3 (round 20–30) |" in md, md
+  assert "untuned for this setting" in md
+  md = report.federated_markdown(setting, ["fedavg"], [1, 2, 3], table, "cmd",
+                                 hparams_key=setting.hparams_key())
+  assert "the paper's Table 7, entry `fmnist_mlp/fed/N400/K10/B20/E1/a0.1`" in md, md
   runs["scaffold"] = runs["scaffold"][1:]
   md = report.federated_markdown(setting, ["scaffold"], [2, 3], federated.summarize(runs), "c")
   assert "| SCAFFOLD | – | – | 2/2 (round 20–30) |" in md, md
+
+
+def test_table_7_golden_values():
+  """The paper's Table 7 (gamma = clients' lr, eta = server lr), per task and alpha."""
+  expect = {"fmnist_mlp": {"fedadam": (0.1, 1e-3), "fedyogi": (0.1, 1e-3),
+                           "fedadagrad": (0.1, 1e-2), "fedavg": (0.1, None),
+                           "scaffold": (0.01, 1.0)},
+            "cifar10_cnn": {"fedadam": (0.1, 1e-2), "fedyogi": (0.1, 1e-2),
+                            "fedadagrad": (0.1, 0.1), "scaffold": (0.05, 1.0)}}
+  for task, rows in expect.items():
+    for alpha in (100, 0.1):
+      key, table = federated.table_hparams(federated.FederatedTrainConfig(task=task, alpha=alpha))
+      assert key == f"{task}/fed/N400/K10/B20/E1/a{alpha:g}"
+      for m, (gamma, eta) in rows.items():
+        assert table[m] == ({"local_lr": gamma} if eta is None else
+                            {"local_lr": gamma, "server_lr": eta}), (task, alpha, m)
+  # FedAvg on CIFAR-10: gamma 1 at alpha 100, 0.1 at alpha 0.1.
+  for alpha, gamma in ((100, 1.0), (0.1, 0.1)):
+    _, table = federated.table_hparams(federated.FederatedTrainConfig(task="cifar10_cnn",
+                                                                      alpha=alpha))
+    assert table["fedavg"] == {"local_lr": gamma}
+  # A setting the paper did not run has no entry.
+  assert federated.table_hparams(federated.FederatedTrainConfig(alpha=0.5)) == (None, {})
+  assert federated.table_hparams(federated.FederatedTrainConfig(alpha=0.1, num_clients=200)
+                                 ) == (None, {})
+
+
+class _Stop(Exception):
+  pass
+
+
+def _capture_configs(monkeypatch):
+  """Make train_federated record the configs it is given instead of training."""
+  seen = []
+
+  def fake(cfg, meta_params=None, **_):
+    seen.append(cfg)
+    raise _Stop
+  monkeypatch.setattr(federated, "train_federated", fake)
+  return seen
+
+
+@pytest.mark.parametrize("extra, local_lr, server_lr", [
+    ([], 0.01, 1.0), (["--local-lr", "0.05"], 0.05, 1.0),
+    (["--server-lr", "0.5"], 0.01, 0.5)])
+def test_train_in_the_paper_setting_takes_table_7_unless_a_flag_sets_it(
+    extra, local_lr, server_lr, monkeypatch, tmp_path, capsys):
+  seen = _capture_configs(monkeypatch)
+  with pytest.raises(_Stop):
+    cli.main(["train", "--federated", "--alpha", "0.1", "--server", "scaffold", "--rounds", "1",
+              "--out", str(tmp_path), *extra])
+  (cfg,) = seen
+  assert (cfg.local_lr, cfg.server_hparams()["server_lr"]) == (local_lr, server_lr)
+  assert "Table 7 values for fmnist_mlp/fed/N400/K10/B20/E1/a0.1" in capsys.readouterr().err
+
+
+def test_evaluate_in_the_paper_setting_runs_each_baseline_at_its_table_7_values(
+    monkeypatch, tmp_path):
+  seen = _capture_configs(monkeypatch)
+  for method, lr, server_lr in (("fedyogi", 0.1, 1e-3), ("fedadagrad", 0.1, 1e-2),
+                                ("scaffold", 0.01, 1.0), ("fedavg", 0.1, 1.0)):
+    for extra, want_lr in (([], lr), (["--local-lr", "0.03"], 0.03)):
+      with pytest.raises(_Stop):
+        cli.main(["evaluate", "--federated", "--alpha", "100", "--methods", method, "--seeds",
+                  "1", "--rounds", "1", "--cache", str(tmp_path), "--out", str(tmp_path),
+                  "--quiet", *extra])
+      cfg = seen.pop()
+      assert (cfg.server, cfg.local_lr, cfg.server_hparams()["server_lr"]) == (
+          method, want_lr, server_lr)

@@ -83,6 +83,13 @@ def train_federated(args) -> int:
       local_lr = meta_lr if local_lr is None else local_lr
   cfg = _federated_config(args, server=server, seed=args.seed, local_lr=local_lr,
                           server_lr=args.server_lr, momentum=args.momentum)
+  key, table = federated.table_hparams(cfg)
+  if server in table and server not in federated.LEARNED:
+    cfg = federated.with_hparams(cfg, table[server], keep_local_lr=args.local_lr is not None,
+                                 keep_server_lr=args.server_lr is not None)
+    print(f"note: {server} takes the paper's Table 7 values for {key} where no flag sets them: "
+          f"local_lr {cfg.local_lr:g}, server_lr {cfg.server_hparams()['server_lr']:g}.",
+          file=sys.stderr)
   hist = federated.train_federated(cfg, meta_params=meta, progress=not args.quiet)
   cli._write_outputs(pathlib.Path(args.out), "metrics", [hist],
                  f"{cfg.task}: {cfg.server}, N={cfg.num_clients}, K={cfg.clients_per_round}, "
@@ -102,8 +109,11 @@ def evaluate_federated(args) -> int:
       name := federated.default_weights(m, setting.task, setting.clients_per_round))})
   name = args.name or (f"{setting.task}_fed_n{setting.num_clients}_k"
                        f"{setting.clients_per_round}_a{setting.alpha:g}")
+  key, table = federated.table_hparams(setting)
+  if args.local_lr is not None:  # --local-lr sets every baseline's client learning rate
+    table = {m: {k: v for k, v in hp.items() if k != "local_lr"} for m, hp in table.items()}
   runs = federated.run_all(setting, methods, seeds, weights, pathlib.Path(args.cache) / name,
-                           progress=not args.quiet)
+                           hparams=table, progress=not args.quiet)
   summary = federated.summarize(runs)
   command = "optax-localsgd " + " ".join(args.argv)
   out = pathlib.Path(args.out)
@@ -111,10 +121,11 @@ def evaluate_federated(args) -> int:
   plotted = cli._save_plot(lambda p: report.plot_federated(setting, methods, runs, p),
                            out / f"{name}.png")
   text = report.federated_markdown(setting, methods, seeds, summary, command,
-                                   f"{name}.png" if plotted else None)
+                                   f"{name}.png" if plotted else None, hparams_key=key)
   (out / f"{name}.md").write_text(text)
   (out / f"{name}.json").write_text(json.dumps(
-      {"command": command, "setting": dataclasses.asdict(setting), "summary": summary},
+      {"command": command, "setting": dataclasses.asdict(setting), "hparams_key": key,
+       "summary": summary},
       indent=1) + "\n")
   print(text)
   print(f"wrote {out / (name + '.md')}, .json" + (" and .png" if plotted else ""),

@@ -16,10 +16,12 @@ deltas, plus ``"fedavg"`` (``local_sgd`` at server learning rate 1: the new weig
 clients' mean) and ``"scaffold"`` (``local_sgd(lr_g)`` and SCAFFOLD's control variates on the
 clients, :func:`optax_localsgd.baselines.scaffold`). The data-parallel ``sgd`` / ``adam``
 send gradients, not deltas, and have no federated form here. The adaptive servers take the
-paper's Table 7 constants (beta1 0.9, beta2 0.99, tau 1e-3) and the registry's server
-learning rates; the clients' learning rate is ``local_lr`` (untuned) for every baseline, while
-a learned optimizer's clients use the learning rate it was meta-trained with (its weight
-file's ``info.local_lr``), as in :mod:`optax_localsgd.harness.evaluation`.
+paper's Table 7 constants (beta1 0.9, beta2 0.99, tau 1e-3). Where the paper's Table 7 has the
+setting (:func:`table_hparams`: FMNIST MLP and CIFAR-10 CNN, N 400, K 10, B 20, E 1, alpha 100
+or 0.1), the baselines take its client and server learning rates; elsewhere the registry's
+server learning rates and ``local_lr`` (untuned). A learned optimizer's clients use the learning
+rate it was meta-trained with (its weight file's ``info.local_lr``), as in
+:mod:`optax_localsgd.harness.evaluation`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 
 from optax_localsgd import compression, data, engine, pretrained, tasks
 from optax_localsgd.errors import UsageError
-from optax_localsgd.harness import evaluation, servers, trainer
+from optax_localsgd.harness import evaluation, servers, sweep, trainer
 from optax_localsgd.transforms import baselines
 from optax_localsgd.transforms.learned.params import MetaParams
 from optax_localsgd.util.progress import Progress
@@ -136,6 +138,12 @@ class FederatedTrainConfig:
       raise UsageError(f"Federated training splits the data by label: {self.task} is a "
                        f"{task.kind} task, not a classification one.")
 
+  def hparams_key(self) -> str:
+    """This setting's entry in the hyperparameter file, e.g.
+    ``fmnist_mlp/fed/N400/K10/B20/E1/a0.1`` (:func:`table_hparams`)."""
+    return (f"{self.task}/fed/N{self.num_clients}/K{self.clients_per_round}/B{self.batch_size}"
+            f"/E{self.local_epochs:g}/a{self.alpha:g}")
+
   def server_hparams(self) -> dict[str, float | None]:
     """The server's effective ``{"server_lr", "momentum"}`` (defaults filled in)."""
     if self.server == "fedavg":
@@ -145,6 +153,31 @@ class FederatedTrainConfig:
     lr, mom = servers.defaults(self.server)
     return {"server_lr": lr if self.server_lr is None else self.server_lr,
             "momentum": mom if self.momentum is None else self.momentum}
+
+
+def table_hparams(setting: FederatedTrainConfig, path: pathlib.Path | None = None
+                  ) -> tuple[str | None, dict[str, dict[str, float]]]:
+  """``(key, method -> {"local_lr", "server_lr"})`` of the paper's Table 7 for ``setting`` (the
+  entries ``TASK/fed/...`` of ``tuned_hparams.json``), or ``(None, {})`` where the table does not
+  have this task, N, K, B, E and alpha."""
+  key = setting.hparams_key()
+  try:
+    return key, sweep.tuned_hparams(key, path)
+  except UsageError:
+    return None, {}
+
+
+def with_hparams(cfg: FederatedTrainConfig, hparams: Mapping[str, float], *,
+                 keep_local_lr: bool = False, keep_server_lr: bool = False
+                 ) -> FederatedTrainConfig:
+  """``cfg`` with a method's tabled ``local_lr`` / ``server_lr`` (:func:`table_hparams`), except
+  those the user set (``keep_*``)."""
+  new = {}
+  if "local_lr" in hparams and not keep_local_lr:
+    new["local_lr"] = float(hparams["local_lr"])
+  if "server_lr" in hparams and not keep_server_lr:
+    new["server_lr"] = float(hparams["server_lr"])
+  return dataclasses.replace(cfg, **new)
 
 
 def build_server(cfg: FederatedTrainConfig, meta_params: MetaParams | None = None):
@@ -286,13 +319,16 @@ def _fingerprint(cfg: FederatedTrainConfig, weights_sha: str | None) -> str:
 
 
 def run_all(setting: FederatedTrainConfig, methods: Sequence[str], seeds: Sequence[int],
-            weights: Mapping[str, str], cache_dir: pathlib.Path, *, progress: bool = True,
+            weights: Mapping[str, str], cache_dir: pathlib.Path, *,
+            hparams: Mapping[str, Mapping[str, float]] | None = None, progress: bool = True,
             log: Callable[[str], None] = print) -> dict[str, list[dict]]:
   """Train (or load from ``cache_dir``) every method x seed of ``setting``.
 
-  Each run is ``setting`` with its ``server`` and ``seed`` replaced; a learned method's
-  clients train with its weights' ``local_lr`` instead of ``setting.local_lr``. A cached run is
-  reused only if its configuration and weight file (sha256) are unchanged.
+  Each run is ``setting`` with its ``server`` and ``seed`` replaced, and a baseline's
+  ``local_lr`` / ``server_lr`` from ``hparams[method]`` where given (:func:`table_hparams`);
+  a learned method's clients train with its weights' ``local_lr`` instead of
+  ``setting.local_lr``. A cached run is reused only if its configuration and weight file
+  (sha256) are unchanged.
 
   Raises:
     UsageError: an unknown method, no seed, or a learned method without ``weights``.
@@ -309,12 +345,14 @@ def run_all(setting: FederatedTrainConfig, methods: Sequence[str], seeds: Sequen
   cache_dir.mkdir(parents=True, exist_ok=True)
   out: dict[str, list[dict]] = {m: [] for m in methods}
   for m in methods:
-    meta, sha, lr = None, None, setting.local_lr
+    meta, sha = None, None
+    base = with_hparams(dataclasses.replace(setting, server=m), (hparams or {}).get(m, {}))
     if m in LEARNED:
       meta, lr = load_learned(m, weights[m], setting.clients_per_round)
       sha = pretrained.file_sha256(pretrained.resolve(weights[m]))
+      base = dataclasses.replace(base, local_lr=lr)
     for seed in seeds:
-      cfg = dataclasses.replace(setting, server=m, seed=int(seed), local_lr=lr)
+      cfg = dataclasses.replace(base, seed=int(seed))
       out[m].append(evaluation.cached_run(
           cache_dir / f"{m}_seed{seed}.json", _fingerprint(cfg, sha),
           lambda: train_federated(cfg, meta, progress=progress,

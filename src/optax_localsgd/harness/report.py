@@ -148,13 +148,14 @@ def _diverged_cell(per_seed: Sequence[Mapping[str, Any]], n_total: int) -> str:
 
 def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
                        summary: Mapping[str, Mapping[str, Any]], command: str,
-                       png: str | None = None) -> str:
+                       png: str | None = None, hparams_key: str | None = None) -> str:
   """The results page of ``optax-localsgd evaluate --federated``: setting, command, table of
   final test accuracy (and final training loss) per method, and the hyperparameters.
 
   ``setting`` is the :class:`~optax_localsgd.harness.federated.FederatedTrainConfig` the runs
   share (its ``server`` and ``seed`` are replaced per run); ``png`` the curves' file name,
-  linked below the table when given.
+  linked below the table when given; ``hparams_key`` the entry of the paper's Table 7 the
+  baselines' learning rates come from (``None``: untuned defaults).
   """
   from optax_localsgd.harness.federated import LABELS
   n = len(seeds)
@@ -189,8 +190,12 @@ def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
       "model on the full test split. *Training loss*: the final global model's cross-entropy on "
       "a fixed subset of 10,000 training examples.",
       "",
-      "Hyperparameters (untuned for this setting: the registry's server defaults, with the "
-      "paper's Table 7 beta1 0.9, beta2 0.99, tau 1e-3 for the adaptive servers; a learned "
+      ("Hyperparameters (the baselines' client and server learning rates: the paper's "
+       f"Table 7, entry `{hparams_key}` of the hyperparameter file, unless a flag of the "
+       "command sets them; "
+       if hparams_key else
+       "Hyperparameters (untuned for this setting: the registry's server defaults; ")
+      + "beta1 0.9, beta2 0.99, tau 1e-3 for the adaptive servers, as in Table 7; a learned "
       "optimizer's clients use the local learning rate it was meta-trained with):",
       "",
   ]
