@@ -214,3 +214,14 @@ def test_evaluate_in_the_paper_setting_runs_each_baseline_at_its_table_7_values(
       cfg = seen.pop()
       assert (cfg.server, cfg.local_lr, cfg.server_hparams()["server_lr"]) == (
           method, want_lr, server_lr)
+
+
+def test_fedlopt_weights_for_the_setting_are_preferred(monkeypatch):
+  from optax_localsgd import pretrained
+  names = ["lopt_a/fmnist_mlp_k8_h4", "lopt_a/fedfmnist_mlp_k10_a0.1", "lagg_a/fmnist_mlp_k10_h4"]
+  monkeypatch.setattr(pretrained, "available", lambda: names)
+  assert federated.default_weights("lopt_a", "fmnist_mlp", 10, 0.1) == "lopt_a/fedfmnist_mlp_k10_a0.1"
+  # None for this alpha: LOpt-A's main-setting weights (it does not depend on K).
+  assert federated.default_weights("lopt_a", "fmnist_mlp", 10, 100) == "lopt_a/fmnist_mlp_k8_h4"
+  assert federated.default_weights("lagg_a", "fmnist_mlp", 10, 0.1) == "lagg_a/fmnist_mlp_k10_h4"
+  assert federated.default_weights("fedavg", "fmnist_mlp", 10, 0.1) is None

@@ -69,6 +69,17 @@ def test_card_of_weights_for_a_compressor_names_it(tmp_path, model_card):
   assert "**For compressed deltas.**" in card and "`--compress top_k:0.01`" in card
 
 
+def test_card_of_federated_weights_describes_the_clients(tmp_path, model_card):
+  run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(2)), K=10, H=None, batch_size=20,
+                 local_lr=0.1, federated={"alpha": 0.1, "num_clients": 400, "local_epochs": 1.0})
+  card = model_card.publish(run / "weights.safetensors", "lopt_a/fedx_k10_a0.1",
+                            tmp_path / "root").read_text()
+  assert ("K = 10 of N = 400 clients sampled per round (Dirichlet label skew alpha = 0.1), "
+          "each running E = 1 local epoch(s) of SGD on batches of B = 20 at learning rate 0.1"
+          ) in card, card
+  assert "H = None" not in card
+
+
 def test_card_of_fine_tuned_weights_names_its_starting_point(tmp_path, model_card):
   run = _run_dir(tmp_path, ol.init_lopt_a(jax.random.PRNGKey(1)),
                  init_from="lopt_a/fmnist_mlp_k8_h4", init_from_sha256="ab" * 32)

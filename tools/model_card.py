@@ -45,6 +45,20 @@ def _recipe_rows(info: Mapping[str, Any]) -> list[str]:
   return rows
 
 
+def _setting(info: dict) -> str:
+  """The inner training the weights were meta-trained for, in words."""
+  fed = info.get("federated")
+  if fed:  # meta-train --federated: FedLOpt (docs/federated.md)
+    return (f"K = {info.get('K')} of N = {fed['num_clients']} clients sampled per round "
+            f"(Dirichlet label skew alpha = {fed['alpha']:g}), each running E = "
+            f"{fed['local_epochs']:g} local epoch(s) of SGD on batches of B = "
+            f"{info.get('batch_size')} at learning rate {info.get('local_lr')} (the paper's "
+            f"FedLOpt setting, appendix E.6).")
+  return (f"K = {info.get('K')} workers, H = {info.get('H')} local steps, B = "
+          f"{info.get('batch_size')} examples per worker and step, workers' SGD learning rate "
+          f"{info.get('local_lr')}.")
+
+
 def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | None,
               results_md: str | None, notes: str = "") -> str:
   """The markdown model card of weights ``name`` with metadata ``meta``."""
@@ -55,9 +69,7 @@ def card_text(name: str, meta: Mapping[str, Any], sha256: str, *, curve: str | N
       f"# `{name}`",
       "",
       f"{KIND_LABELS[cfg['kind']]} server optimizer, meta-trained on `{', '.join(info.get('tasks', []))}` with "
-      f"K = {info.get('K')} workers, H = {info.get('H')} local steps, B = "
-      f"{info.get('batch_size')} examples per worker and step, workers' SGD learning rate "
-      f"{info.get('local_lr')}.",
+      + _setting(info),
       "",
       "```python",
       "import optax_localsgd as ol",

@@ -74,7 +74,7 @@ def train_federated(args) -> int:
   meta, local_lr = None, args.local_lr
   if server in federated.LEARNED:
     k = args.clients_per_round or federated.FederatedTrainConfig().clients_per_round
-    name = args.weights or federated.default_weights(server, args.task, k)
+    name = args.weights or federated.default_weights(server, args.task, k, args.alpha)
     if name is None:
       print(f"note: {server} runs with fresh, un-meta-trained weights (none bundled for "
             f"{args.task}; pass --weights).", file=sys.stderr)
@@ -106,7 +106,8 @@ def evaluate_federated(args) -> int:
   seeds = cli._parse_seeds(args.seeds)
   setting = _federated_config(args, local_lr=args.local_lr)
   weights = cli._weights_flags(args, {m: name for m in methods if (
-      name := federated.default_weights(m, setting.task, setting.clients_per_round))})
+      name := federated.default_weights(m, setting.task, setting.clients_per_round,
+                                              setting.alpha))})
   name = args.name or (f"{setting.task}_fed_n{setting.num_clients}_k"
                        f"{setting.clients_per_round}_a{setting.alpha:g}")
   key, table = federated.table_hparams(setting)

@@ -288,15 +288,24 @@ def train_federated(cfg: FederatedTrainConfig, meta_params: MetaParams | None = 
 # Learned weights.
 
 
-def default_weights(method: str, task: str, clients_per_round: int) -> str | None:
-  """The bundled weights a learned method uses when none are named: LOpt-A's do not depend on
-  K, so ``lopt_a/TASK_k8_h4`` (the package's main setting); LAgg-A is built for one K, so
-  ``lagg_a/TASK_kK_h4`` with K the clients per round. ``None`` if not bundled."""
+def default_weights(method: str, task: str, clients_per_round: int,
+                    alpha: float | None = None) -> str | None:
+  """The bundled weights a learned method uses when none are named.
+
+  FedLOpt weights meta-trained in this very setting, ``METHOD/fedTASK_kK_aALPHA`` (``meta-train
+  --federated``), come first. Otherwise LOpt-A's main-setting weights ``lopt_a/TASK_k8_h4``
+  (LOpt-A does not depend on K), and LAgg-A's ``lagg_a/TASK_kK_h4``, built for K = the clients
+  per round. ``None`` if none ship.
+  """
+  if method not in LEARNED:
+    return None
+  if alpha is not None:
+    fed = f"{method}/fed{task}_k{clients_per_round}_a{alpha:g}"
+    if fed in pretrained.available():
+      return fed
   if method == "lopt_a":
     return pretrained.default_name("lopt_a", task, 8, 4)
-  if method == "lagg_a":
-    return pretrained.default_name("lagg_a", task, clients_per_round, 4)
-  return None
+  return pretrained.default_name("lagg_a", task, clients_per_round, 4)
 
 
 def load_learned(method: str, name: str, clients_per_round: int) -> tuple[MetaParams, float]:
