@@ -9,6 +9,8 @@ Measures, in one process and interleaved round-robin so machine noise hits all a
     parameters in blocks);
   * "bare MLP": only the MLP's matmuls (28 -> 32 -> 32 -> 2) over as many rows as parameters,
     in blocks of 65,536 rows, the floor of the learned step without its features;
+  * the learned steps and the bare MLP with ``mlp_dtype="bfloat16"`` (bfloat16 matmul operands,
+    float32 accumulation; the ``_bf16`` rows);
 and reports each time as a ratio to Adam's step measured in the same run.
 
   * on a GPU, the learned steps with the fused Pallas kernel
@@ -82,13 +84,14 @@ def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def bare_mlp(meta, n: int, block: int = 2**16):
+def bare_mlp(meta, n: int, block: int = 2**16, mlp_dtype: str = "float32"):
   """A function of a (block, 28) feature block running the MLP over ``n`` rows, block by block."""
   tf = jnp.zeros(11, jnp.float32)
 
   def fn(x):
     def body(i, acc):
-      d, m = mlp_apply(meta.mlp, x + i.astype(x.dtype), tf)  # + i: no loop-invariant hoisting
+      # + i: no loop-invariant hoisting
+      d, m = mlp_apply(meta.mlp, x + i.astype(x.dtype), tf, mlp_dtype)
       return acc + jnp.sum(d * jnp.exp(1e-3 * m))
     return lax.fori_loop(0, -(-n // block), body, jnp.zeros((), jnp.float32))
   return fn
@@ -123,9 +126,11 @@ def main(argv=None) -> dict:
       "lopt_a": (ol.lopt_a(lopt), delta),
       "lopt_a_block65536": (ol.lopt_a(lopt, block_size=2**16), delta),
       "lopt_a_unblocked": (ol.lopt_a(lopt, leaf_step=reference_leaf_step), delta),
+      "lopt_a_bf16": (ol.lopt_a(lopt, mlp_dtype="bfloat16"), delta),
       f"lagg_a_k{K}": (ol.lagg_a(lagg, K), stack),
       f"lagg_a_k{K}_block65536": (ol.lagg_a(lagg, K, block_size=2**16), stack),
       f"lagg_a_k{K}_unblocked": (ol.lagg_a(lagg, K, leaf_step=reference_leaf_step), stack),
+      f"lagg_a_k{K}_bf16": (ol.lagg_a(lagg, K, mlp_dtype="bfloat16"), stack),
       "lopt_a_pallas": (ol.lopt_a(lopt, leaf_step=pallas.pallas_leaf_step), delta),
       f"lagg_a_k{K}_pallas": (ol.lagg_a(lagg, K, leaf_step=pallas.pallas_leaf_step), stack),
   }
@@ -142,9 +147,11 @@ def main(argv=None) -> dict:
   compiled, states, result = {}, {}, {"transforms": {}}
   # The bare MLP is timed like a transform; its "state" is its input block.
   mlp_x = jnp.asarray(rng.normal(size=(2**16, 28)), jnp.float32)
-  compiled["bare_mlp"] = jax.jit(bare_mlp(lopt, n_params)).lower(mlp_x).compile()
-  states["bare_mlp"] = mlp_x
-  result["transforms"]["bare_mlp"] = {"state_bytes_per_param": 0.0}
+  bare = ("bare_mlp", "float32"), ("bare_mlp_bf16", "bfloat16")
+  for name, dtype in bare:
+    compiled[name] = jax.jit(bare_mlp(lopt, n_params, mlp_dtype=dtype)).lower(mlp_x).compile()
+    states[name] = mlp_x
+    result["transforms"][name] = {"state_bytes_per_param": 0.0}
   for name, (tx, d) in cases.items():
     state = tx.init(params)
     fn = jax.jit(tx.update, donate_argnums=(1,))
@@ -164,16 +171,17 @@ def main(argv=None) -> dict:
     result["transforms"][name] = entry
     print(f"compiled {name} in {compile_s:.1f}s", file=sys.stderr)
 
-  times = {name: [] for name in [*cases, "bare_mlp"]}
+  times = {name: [] for name in [*cases, *(b for b, _ in bare)]}
   for rep in range(args.reps):
     for name, (tx, d) in cases.items():
       t0 = time.perf_counter()
       out, states[name] = compiled[name](d, states[name], params)
       jax.block_until_ready((out, states[name]))
       times[name].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled["bare_mlp"](states["bare_mlp"]))
-    times["bare_mlp"].append(time.perf_counter() - t0)
+    for name, _ in bare:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled[name](states[name]))
+      times[name].append(time.perf_counter() - t0)
     print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
 
   adam_s = statistics.median(times["adam"])

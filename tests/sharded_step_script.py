@@ -4,7 +4,8 @@ Run in a subprocess with N virtual CPU devices (fixed before JAX starts):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_script.py --out r.npz
 Three server steps on random deltas for tensors of rank 0 to 4 whose sizes are not multiples
 of N (so slices are padded, and some devices hold padding only), with meta-parameters of both
-feature sets; saves both results and the final states' momenta.
+feature sets (and ada-v2 with ``mlp_dtype="bfloat16"``, label ``ada-v2-bf16``); saves both
+results and the final states' momenta.
 """
 
 import argparse
@@ -36,19 +37,20 @@ def main():
             for _ in range(3)]
   results = {"n_devices": n}
   results.update({f"params0/{k}": np.asarray(v) for k, v in params.items()})
-  for fset in ("ada-v2", "ada-v1"):
+  for label, fset, mlp_dtype in (("ada-v2", "ada-v2", None), ("ada-v1", "ada-v1", None),
+                                 ("ada-v2-bf16", "ada-v2", "bfloat16")):
     meta = ol.init_lopt_a(jax.random.PRNGKey(1), feature_set=fset)
     # Non-zero biases and decay offsets, and a larger output layer: every path matters.
     mlp = {k: v + 0.3 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
            for i, (k, v) in enumerate(meta.mlp.items())}
     meta = type(meta)(mlp=mlp, decay_offsets=0.3 * jnp.arange(7.0) / 7, config=meta.config)
-    tx = ol.lopt_a(meta)
+    tx = ol.lopt_a(meta, mlp_dtype=mlp_dtype)
 
     state, p = tx.init(params), params
     for d in deltas:  # the replicated step
       u, state = jax.jit(tx.update)(d, state, p)
       p = jax.tree.map(lambda a, b: a + b, p, u)
-    results.update({f"{fset}/replicated/{k}": np.asarray(v) for k, v in p.items()})
+    results.update({f"{label}/replicated/{k}": np.asarray(v) for k, v in p.items()})
 
     sstate = zero.init_sharded_server_state(tx, params, mesh, engine.WORKER_AXIS)
     update = zero.sharded_update(tx, n, engine.WORKER_AXIS)
@@ -65,15 +67,15 @@ def main():
     for d in deltas:
       u, per_device = run(d, per_device, p)
       p = zero.assemble(u, p, mesh)
-    results.update({f"{fset}/sharded/{k}": np.asarray(v) for k, v in p.items()})
+    results.update({f"{label}/sharded/{k}": np.asarray(v) for k, v in p.items()})
     acc = per_device.accumulators
     for k, s in SHAPES.items():  # the momenta, gathered from the slices
       m = np.asarray(acc[k].m)  # (n, 3, L)
       full = np.moveaxis(m, 1, 0).reshape(3, -1)[:, :int(np.prod(s))]
-      results[f"{fset}/sharded_m/{k}"] = full.reshape((3,) + s)
-      results[f"{fset}/replicated_m/{k}"] = np.asarray(state.accumulators[k].m)
-      results[f"{fset}/sharded_row/{k}"] = np.asarray(acc[k].row[0])
-      results[f"{fset}/replicated_row/{k}"] = np.asarray(state.accumulators[k].row)
+      results[f"{label}/sharded_m/{k}"] = full.reshape((3,) + s)
+      results[f"{label}/replicated_m/{k}"] = np.asarray(state.accumulators[k].m)
+      results[f"{label}/sharded_row/{k}"] = np.asarray(acc[k].row[0])
+      results[f"{label}/replicated_row/{k}"] = np.asarray(state.accumulators[k].row)
   np.savez(args.out, **results)
 
 

@@ -197,7 +197,7 @@ def _reduce_columns(columns, num_blocks: int, num_channels: int, feature_set: st
 
 def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: jax.Array,
                       delta: jax.Array, delta_channels: jax.Array, time_feats: jax.Array,
-                      block_size: int | None = None) -> jax.Array:
+                      block_size: int | None = None, mlp_dtype: str = "float32") -> jax.Array:
   """:func:`~optax_localsgd.transforms.learned.mlp.reference_leaf_step` in bounded memory.
 
   A :class:`~optax_localsgd.transforms.learned.mlp.LeafStep` once ``block_size`` is bound
@@ -211,6 +211,8 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
       for automatic. A tensor that fits in one block runs unblocked (the same computation as
       the reference). Temporaries are about ``250 * block_size`` bytes (plus ``4 K`` per
       parameter for LAgg-A's K channels); smaller blocks add per-block loop overhead.
+    mlp_dtype: ``"float32"`` or ``"bfloat16"`` matmuls in the MLP
+      (:func:`~optax_localsgd.transforms.learned.mlp.mlp_apply`).
 
   Returns:
     the update to add to ``param`` (float32, shape of ``param``).
@@ -218,7 +220,7 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
   n = int(param.size)
   block = block_length(n, block_size)
   if block == n:
-    return reference_leaf_step(meta, acc, param, delta, delta_channels, time_feats)
+    return reference_leaf_step(meta, acc, param, delta, delta_channels, time_feats, mlp_dtype)
   cfg = meta.config
   fset = cfg.feature_set
   columns, num_blocks = _columns_fn(meta, acc, param, delta, delta_channels, block)
@@ -228,7 +230,7 @@ def blocked_leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ja
 
   def step(i, out):
     x, _, start = columns(i)
-    d, m = mlp_apply(meta.mlp, normalize(x).T, time_feats)
+    d, m = mlp_apply(meta.mlp, normalize(x).T, time_feats, mlp_dtype)
     update = -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m)
     return lax.dynamic_update_slice_in_dim(out, update, start, axis=0)
 

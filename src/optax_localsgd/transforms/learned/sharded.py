@@ -88,10 +88,11 @@ def update_accumulators(acc: features.AdaAccumulators, delta: ShardSlice,
 
 def leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ShardSlice,
               delta: ShardSlice, delta_channels: jax.Array,
-              time_feats: jax.Array) -> jax.Array:
+              time_feats: jax.Array, mlp_dtype: str = "float32") -> jax.Array:
   """The update of one device's slice of a tensor, ``(L,)`` float32: the built-in leaf step
   with the normalisers reduced over the devices (module docstring). ``acc`` is already
-  advanced by :func:`update_accumulators`; ``delta_channels`` is ``(C, L)``."""
+  advanced by :func:`update_accumulators`; ``delta_channels`` is ``(C, L)``; ``mlp_dtype`` as
+  in :func:`~optax_localsgd.transforms.learned.mlp.mlp_apply`."""
   cfg = meta.config
   fset = cfg.feature_set
   shape, n, axis = param.shape, param.size, param.axis_name
@@ -116,5 +117,5 @@ def leaf_step(meta: MetaParams, acc: features.AdaAccumulators, param: ShardSlice
     top = lax.pmax(jnp.max(jnp.where(valid, jnp.abs(x), 0.0), axis=1), axis)
     sumsq = sum_valid(jnp.square(x / jnp.where(top > 0, top, 1.0)[:, None]))
   x = blocked.normalize_columns(x, top, sumsq, n)
-  d, m = mlp_apply(meta.mlp, x.T, time_feats)
+  d, m = mlp_apply(meta.mlp, x.T, time_feats, mlp_dtype)
   return jnp.where(valid, -cfg.step_mult * d * jnp.exp(cfg.exp_mult * m), 0.0)
