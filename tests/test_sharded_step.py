@@ -59,3 +59,23 @@ def test_sharded_state_is_the_replicated_state_sliced(result, fset, name):
   for what in ("m", "row"):
     np.testing.assert_allclose(result[f"{fset}/sharded_{what}/{name}"],
                                result[f"{fset}/replicated_{what}/{name}"], rtol=1e-5, atol=1e-9)
+
+
+def test_train_over_devices_shards_the_server_step_and_matches_one_device(tmp_path):
+  """``optax-localsgd train --devices 8``: the workers over 8 devices and the learned server step
+  sharded over them (ZeRO-1), the same history as on one device to float tolerance."""
+  hists = {}
+  for devices in (1, 8):
+    out = tmp_path / f"d{devices}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "optax_localsgd.cli", "train", "--task", "fmnist_mlp",
+         "--server", "lopt_a", "--weights", "lopt_a/fmnist_mlp_k8_h4", "-K", "8", "-H", "2",
+         "-B", "16", "--rounds", "4", "--eval-every", "2", "--devices", str(devices), "--quiet",
+         "--out", str(out)], env=cpu_devices_env(8), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (hists[devices],) = __import__("json").loads((out / "metrics.json").read_text())
+  assert hists[8]["sharded_server"] and not hists[1]["sharded_server"]
+  one, eight = (np.asarray(hists[d]["global_train_loss"]) for d in (1, 8))
+  assert one[-1] < one[0] - 0.05  # it trains
+  np.testing.assert_allclose(eight, one, rtol=1e-4)

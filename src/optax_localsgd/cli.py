@@ -69,7 +69,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  "directory; default: the bundled SERVER/TASK_kK_hH if it exists, else fresh, "
                  "un-meta-trained weights")
   p.add_argument("--devices", type=int, default=1,
-                 help="spread the workers over this many devices (must divide K)")
+                 help="spread the workers over this many devices (must divide K); the server "
+                 "step is then sharded over them (ZeRO-1, docs/distributed.md)")
   p.add_argument("--data-dir", default=None,
                  help="dataset directory (default: $OPTAX_LOCALSGD_DATA, the user cache, "
                  "/usr/share/datasets)")

@@ -154,14 +154,22 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
     mesh = engine.worker_mesh(jax.devices()[:cfg.devices])
   compress = compression.from_flag(cfg.compress)
   round_cfg = round_config_for(server, cfg.workers, cfg.local_steps, cfg.batch_size, compress)
+  # Over several devices, each computes the server step of its slice of every tensor (ZeRO-1,
+  # docs/distributed.md); the data-parallel baselines have no server step to shard.
+  shard = mesh is not None and server.mode == "local"
   round_fn = round_fn_for(task, server, cfg.workers, cfg.local_steps, cfg.batch_size,
-                          cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh, compress)
+                          cfg.local_lr, cfg.clip_norm, cfg.weight_decay, mesh, compress,
+                          shard_server=shard)
 
   key = jax.random.PRNGKey(cfg.seed)
   params = task.init(jax.random.fold_in(key, 0))
-  state = engine.init_round_state(server.tx, round_cfg, params)
+  state = engine.init_round_state(server.tx, round_cfg, params, mesh, shard)
   dev_data = engine.DeviceData(train_arrays, shards)
-  if mesh is not None:
+  if shard:  # the sharded server state is placed already, one slice per device
+    dev_data, params = engine.replicate((dev_data, params), mesh)
+    if isinstance(state, engine.CompressedState):
+      state = state._replace(workers=engine.replicate(state.workers, mesh))
+  elif mesh is not None:
     dev_data, params, state = engine.replicate((dev_data, params, state), mesh)
   else:
     dev_data = jax.device_put(dev_data)
@@ -172,7 +180,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   evaluate = make_evaluator(task, engine.eval_batches(task, train_arrays, cfg.eval_examples))
   hist = {"config": dataclasses.asdict(cfg), "label": label or cfg.server, "rounds": [],
           "train_loss": [], "eval_rounds": [], "global_train_loss": [],
-          "global_train_accuracy": [],
+          "global_train_accuracy": [], "sharded_server": shard,
           "bits_per_round": (compression.round_bits(compress, params, cfg.workers)
                              if server.mode == "local" else None)}
 
