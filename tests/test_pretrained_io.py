@@ -230,6 +230,7 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
   # CI installs the wheel, so this also checks that pretrained/ made it into the package.
   assert {"lopt_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h4", "lagg_a/fmnist_mlp_k8_h16",
           "lopt_a/tiny_imagenet32_mlp_k8_h4", "lagg_a/tiny_imagenet32_mlp_k8_h4",
+          "lopt_a/fedfmnist_mlp_k10_a100", "lopt_a/fedfmnist_mlp_k10_a0.1",
           } <= set(pretrained.available())
   for name in pretrained.available():
     meta = pretrained.load(name)  # checks the manifest sha256 and the arrays hash
@@ -244,6 +245,11 @@ def test_every_shipped_weight_file_loads_and_has_a_model_card():
     k = meta.config.num_workers
     if k is not None:
       assert f"_k{k}_" in name
+    fed = info.get("federated")
+    if fed:  # FedLOpt: what harness.federated.default_weights seeks, METHOD/fedTASK_kK_aALPHA
+      task, = set(info["tasks"])
+      assert name == f"{info['optimizer']}/fed{task}_k{info['K']}_a{fed['alpha']:g}", name
+      continue
     # K and H, then the compressor the weights were meta-trained for (what default_name seeks).
     comp = compression.from_spec(info.get("compress"))
     tag = "" if comp is None else f"_{comp.weights_tag()}"
