@@ -141,9 +141,10 @@ def lopt_a(meta_params: MetaParams, leaf_step: LeafStep | None = None,
       (automatic): tensors up to 131,072 parameters whole, larger ones in blocks of at most
       65,536. The result is the same to float32 rounding. Only with ``leaf_step=None``.
     mlp_dtype: ``None`` or ``"float32"`` (the paper); ``"bfloat16"``: the MLP's hidden-layer
-      matmuls take bfloat16 operands and accumulate in float32, about 3x faster on CPUs with
-      AMX and on GPUs; the update then differs from float32 by about 1% of its size
-      (``docs/benchmarks.md`` measures speed, the update's error and a short FMNIST run).
+      matmuls take bfloat16 operands and accumulate in float32, for hardware where that is
+      much faster (GPUs, TPUs). On the 2-core AMX CPU of ``docs/benchmarks.md`` the MLP's
+      narrow layers gain only about 1.1x; the update differs from float32 by about 0.25 %
+      of its size (``benchmarks/mlp_precision.py``).
       Only with ``leaf_step=None``.
 
   There are no numeric hyperparameters: the meta-parameters fix the step (the learned MLP
