@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import sys
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import _results  # benchmarks/_results.py, next to this script
 import optax_localsgd as ol
 from optax_localsgd import data, engine, pretrained, tasks
 from optax_localsgd.harness import trainer
@@ -119,10 +119,7 @@ def main(argv=None) -> dict:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python benchmarks/mlp_precision.py",
                                  *(argv if argv is not None else sys.argv[1:])])}
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "mlp_precision.json").write_text(json.dumps(result, indent=1) + "\n")
-  (out / "mlp_precision.md").write_text(to_markdown(result))
+  _results.write(args.out, "mlp_precision", result, to_markdown(result))
   print(to_markdown(result))
   return result
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import platform
 import statistics
@@ -43,6 +42,7 @@ import numpy as np
 import optax
 from jax import lax
 
+import _results  # benchmarks/_results.py, next to this script
 import optax_localsgd as ol
 from optax_localsgd.transforms.learned import pallas
 from optax_localsgd.transforms.learned.mlp import mlp_apply, reference_leaf_step
@@ -202,10 +202,7 @@ def main(argv=None) -> dict:
     result["lopt_a_peak_bytes"] = (lopt_mem["arguments"] + lopt_mem["outputs"]
                                    + lopt_mem["temporaries"] - lopt_mem["aliased"])
 
-  out_dir = pathlib.Path(args.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "server_step.json").write_text(json.dumps(result, indent=2) + "\n")
-  (out_dir / "server_step.md").write_text(to_markdown(result))
+  _results.write(args.out, "server_step", result, to_markdown(result))
   print(to_markdown(result))
   return result
 
