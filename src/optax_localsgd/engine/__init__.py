@@ -15,7 +15,8 @@ from optax_localsgd.engine.batches import (EVAL_SUBSET_SEED, BatchFn, batch_fn_f
                                            classification_batch, eval_batches, make_lm_batch,
                                            sample_indices)
 from optax_localsgd.engine.federated import (ClientData, ClientHook, FederatedConfig,
-                                             FederatedState, client_data, federated_config,
+                                             FederatedState, client_data,
+                                             dirichlet_client_data, federated_config,
                                              init_federated_state, make_federated_round_fn)
 from optax_localsgd.engine.round import (WORKER_AXIS, CompressedState, DeviceData, LossFn,
                                          RoundConfig, init_round_state,
@@ -26,7 +27,8 @@ from optax_localsgd.engine.zero import ShardedServerState
 __all__ = [
     "BatchFn", "ClientData", "ClientHook", "CompressedState", "DeviceData", "EVAL_SUBSET_SEED",
     "FederatedConfig", "FederatedState", "LossFn", "RoundConfig", "ShardedServerState",
-    "WORKER_AXIS", "batch_fn_for", "classification_batch", "client_data", "eval_batches",
+    "WORKER_AXIS", "batch_fn_for", "classification_batch", "client_data",
+    "dirichlet_client_data", "eval_batches",
     "federated_config", "init_federated_state", "init_round_state", "make_data_parallel_round_fn",
     "make_federated_round_fn", "make_lm_batch", "make_multi_round_fn", "make_round_fn",
     "replicate", "sample_indices", "worker_mesh",

@@ -47,6 +47,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from optax_localsgd import data as _data
 from optax_localsgd.engine.batches import BatchFn
 from optax_localsgd.engine.round import WORKER_AXIS, LossFn, check_worker_mesh
 from optax_localsgd.errors import UsageError
@@ -143,6 +144,25 @@ def client_data(arrays: Any, partition: Sequence[np.ndarray]) -> ClientData:
                      f"of data.dirichlet_partition), or drop the empty clients.")
   shards = np.stack([np.resize(np.asarray(p, np.int32), sizes.max()) for p in partition])
   return ClientData(arrays, shards, sizes.astype(np.int32))
+
+
+def dirichlet_client_data(task, arrays: Any, num_clients: int, alpha: float,
+                          seed: int) -> ClientData:
+  """:func:`client_data` of ``data.dirichlet_partition(arrays["y"], num_clients, alpha, seed)``:
+  ``task``'s split cut among ``num_clients`` clients with Dirichlet(``alpha``) label skew.
+
+  Raises:
+    UsageError: ``task`` is not a classification task (the split is by label), or the split
+      cannot be cut (e.g. more clients than examples).
+  """
+  if task.kind != "classification":
+    raise UsageError(f"Federated training splits the data by label: {task.name} is a "
+                     f"{task.kind} task, not a classification one.")
+  try:
+    parts = _data.dirichlet_partition(np.asarray(arrays["y"]), num_clients, alpha, seed)
+  except ValueError as e:  # e.g. more clients than examples
+    raise UsageError(f"Cannot partition {task.name}'s training split: {e}") from None
+  return client_data(arrays, parts)
 
 
 class ClientHook(Protocol):

@@ -212,12 +212,8 @@ def train_federated(cfg: FederatedTrainConfig, meta_params: MetaParams | None = 
   """
   task = tasks.from_spec(cfg.task)
   train_arrays = tasks.load_split(task, "train", cfg.data_dir)
-  try:
-    parts = data.dirichlet_partition(np.asarray(train_arrays["y"]), cfg.num_clients, cfg.alpha,
-                                     cfg.seed)
-  except ValueError as e:  # e.g. more clients than examples
-    raise UsageError(f"Cannot partition {cfg.task}'s training split: {e}") from None
-  cdata = engine.client_data(train_arrays, parts)
+  cdata = engine.dirichlet_client_data(task, train_arrays, cfg.num_clients, cfg.alpha,
+                                       cfg.seed)
   server_tx, hook, per_worker = build_server(cfg, meta_params)
   fcfg = engine.federated_config(cdata.sizes, cfg.clients_per_round, cfg.batch_size,
                                  cfg.local_epochs, per_worker)

@@ -240,14 +240,7 @@ def _inner_data(cfg: MetaTrainConfig, task: tasks.Task, arrays, seed: int):
                                    per_worker_deltas=per_worker, compression=cfg.compressor())
     n = tasks.num_items(task, arrays)
     return round_cfg, engine.DeviceData(arrays, data.split_homogeneous(n, cfg.workers, seed))
-  if task.kind != "classification":
-    raise UsageError(f"--federated splits the data by label: {task.name} is a {task.kind} "
-                     f"task, not a classification one.")
-  try:
-    parts = data.dirichlet_partition(np.asarray(arrays["y"]), fed.num_clients, fed.alpha, seed)
-  except ValueError as e:  # e.g. more clients than examples
-    raise UsageError(f"Cannot partition {task.name}'s training split: {e}") from None
-  cdata = engine.client_data(arrays, parts)
+  cdata = engine.dirichlet_client_data(task, arrays, fed.num_clients, fed.alpha, seed)
   return (engine.federated_config(cdata.sizes, cfg.workers, cfg.batch_size, fed.local_epochs,
                                   per_worker), cdata)
 
