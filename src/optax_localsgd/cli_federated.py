@@ -57,6 +57,11 @@ def check_mode(args, not_federated: tuple[str, ...]) -> None:
                      "skew (> 0; the paper: 0.1 and 100).")
 
 
+def _given(args, *dests: str) -> tuple[str, ...]:
+  """The flags among ``dests`` that the command line sets."""
+  return tuple(d for d in dests if getattr(args, d) is not None)
+
+
 def _federated_config(args, **fields):
   """The FederatedTrainConfig of the flags; a flag not given keeps the config's default."""
   from optax_localsgd.harness.federated import FederatedTrainConfig
@@ -83,10 +88,9 @@ def train_federated(args) -> int:
       local_lr = meta_lr if local_lr is None else local_lr
   cfg = _federated_config(args, server=server, seed=args.seed, local_lr=local_lr,
                           server_lr=args.server_lr, momentum=args.momentum)
-  key, table = federated.table_hparams(cfg)
-  if server in table and server not in federated.LEARNED:
-    cfg = federated.with_hparams(cfg, table[server], keep_local_lr=args.local_lr is not None,
-                                 keep_server_lr=args.server_lr is not None)
+  key, table = federated.table_hparams(cfg, overridden=_given(args, "local_lr", "server_lr"))
+  if server in table:  # a baseline the paper tuned for this setting
+    cfg = federated.with_hparams(cfg, table[server])
     print(f"note: {server} takes the paper's Table 7 values for {key} where no flag sets them: "
           f"local_lr {cfg.local_lr:g}, server_lr {cfg.server_hparams()['server_lr']:g}.",
           file=sys.stderr)
@@ -110,9 +114,8 @@ def evaluate_federated(args) -> int:
                                               setting.alpha))})
   name = args.name or (f"{setting.task}_fed_n{setting.num_clients}_k"
                        f"{setting.clients_per_round}_a{setting.alpha:g}")
-  key, table = federated.table_hparams(setting)
-  if args.local_lr is not None:  # --local-lr sets every baseline's client learning rate
-    table = {m: {k: v for k, v in hp.items() if k != "local_lr"} for m, hp in table.items()}
+  # --local-lr sets every baseline's client learning rate.
+  key, table = federated.table_hparams(setting, overridden=_given(args, "local_lr"))
   runs = federated.run_all(setting, methods, seeds, weights, pathlib.Path(args.cache) / name,
                            hparams=table, progress=not args.quiet)
   summary = federated.summarize(runs)

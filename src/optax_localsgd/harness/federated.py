@@ -155,29 +155,27 @@ class FederatedTrainConfig:
             "momentum": mom if self.momentum is None else self.momentum}
 
 
-def table_hparams(setting: FederatedTrainConfig, path: pathlib.Path | None = None
+def table_hparams(setting: FederatedTrainConfig, path: pathlib.Path | None = None, *,
+                  overridden: Sequence[str] = ()
                   ) -> tuple[str | None, dict[str, dict[str, float]]]:
   """``(key, method -> {"local_lr", "server_lr"})`` of the paper's Table 7 for ``setting`` (the
   entries ``TASK/fed/...`` of ``tuned_hparams.json``), or ``(None, {})`` where the table does not
-  have this task, N, K, B, E and alpha."""
+  have this task, N, K, B, E and alpha. ``overridden``: the hyperparameters the user set with
+  flags, left out of every entry so that the flags win."""
   key = setting.hparams_key()
   try:
-    return key, sweep.tuned_hparams(key, path)
+    table = sweep.tuned_hparams(key, path)
   except UsageError:
     return None, {}
+  return key, {m: {k: v for k, v in hp.items() if k not in overridden}
+               for m, hp in table.items()}
 
 
-def with_hparams(cfg: FederatedTrainConfig, hparams: Mapping[str, float], *,
-                 keep_local_lr: bool = False, keep_server_lr: bool = False
+def with_hparams(cfg: FederatedTrainConfig, hparams: Mapping[str, float]
                  ) -> FederatedTrainConfig:
-  """``cfg`` with a method's tabled ``local_lr`` / ``server_lr`` (:func:`table_hparams`), except
-  those the user set (``keep_*``)."""
-  new = {}
-  if "local_lr" in hparams and not keep_local_lr:
-    new["local_lr"] = float(hparams["local_lr"])
-  if "server_lr" in hparams and not keep_server_lr:
-    new["server_lr"] = float(hparams["server_lr"])
-  return dataclasses.replace(cfg, **new)
+  """``cfg`` with a method's tabled ``local_lr`` / ``server_lr`` (:func:`table_hparams`)."""
+  return dataclasses.replace(cfg, **{k: float(v) for k, v in hparams.items()
+                                     if k in ("local_lr", "server_lr")})
 
 
 def build_server(cfg: FederatedTrainConfig, meta_params: MetaParams | None = None):
