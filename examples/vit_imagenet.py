@@ -336,11 +336,11 @@ def train(args: argparse.Namespace) -> int:
 
   shards = data.split_homogeneous(n_train, args.workers, args.seed)
   dev_data = engine.DeviceData(train_arrays, shards)
+  state = (run["params"], run["server_state"])
   if mesh is None:
-    dev_data, state = jax.device_put((dev_data, (run["params"], run["server_state"])))
-  else:  # the sharded server state is placed by the round function's sharding
-    dev_data, params = engine.replicate((dev_data, run["params"]), mesh)
-    state = (params, run["server_state"])
+    dev_data, state = jax.device_put((dev_data, state))
+  else:  # replicate leaves the sharded server state as it is, one slice per device
+    dev_data, state = engine.replicate((dev_data, state), mesh)
   evaluate = trainer.make_evaluator(task, engine.eval_batches(task, val_arrays,
                                                                args.eval_examples))
   return loop(args, round_fn, dev_data, state, int(run["round"]), run["key"], evaluate, log)

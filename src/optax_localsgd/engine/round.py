@@ -373,12 +373,17 @@ def worker_mesh(devices=None) -> Mesh:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Place host arrays on every device of ``mesh``.
 
-  Works with several processes too, where every process passes the same host data.
+  Works with several processes too, where every process passes the same host data. A
+  :class:`~optax_localsgd.engine.zero.ShardedServerState` in ``tree`` is left as it is: it
+  holds one slice per device, not a copy for every device.
   """
   sharding = NamedSharding(mesh, P())
+  sharded = lambda x: isinstance(x, zero.ShardedServerState)
 
   def put(x):
+    if sharded(x):
+      return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put, tree, is_leaf=sharded)

@@ -165,11 +165,7 @@ def train(cfg: TrainConfig, *, meta_params: MetaParams | None = None, progress: 
   params = task.init(jax.random.fold_in(key, 0))
   state = engine.init_round_state(server.tx, round_cfg, params, mesh, shard)
   dev_data = engine.DeviceData(train_arrays, shards)
-  if shard:  # the sharded server state is placed already, one slice per device
-    dev_data, params = engine.replicate((dev_data, params), mesh)
-    if isinstance(state, engine.CompressedState):
-      state = state._replace(workers=engine.replicate(state.workers, mesh))
-  elif mesh is not None:
+  if mesh is not None:  # a sharded server state stays one slice per device
     dev_data, params, state = engine.replicate((dev_data, params, state), mesh)
   else:
     dev_data = jax.device_put(dev_data)
