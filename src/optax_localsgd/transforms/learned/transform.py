@@ -43,23 +43,23 @@ def _check_meta(meta_params, fn_name):
         f"got {type(meta_params).__name__}.")
 
 
-def _leaf_step(leaf_step: LeafStep | None, block_size: int | None, mlp_dtype: str | None,
-               fn_name: str) -> LeafStep:
-  """The step to run: the blocked built-in one unless the caller brings their own."""
-  if leaf_step is None:
-    return functools.partial(blocked.blocked_leaf_step,
-                             block_size=blocked.check_block_size(block_size),
-                             mlp_dtype=check_mlp_dtype(mlp_dtype))
-  for name, value in (("block_size", block_size), ("mlp_dtype", mlp_dtype)):
-    if value is not None:
-      raise ValueError(f"{fn_name} got both leaf_step and {name}; {name} configures the "
-                       f"built-in step, so pass only one of them.")
-  return leaf_step
-
-
-def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafStep,
-             custom_step: bool, mlp_dtype: str | None) -> optax.GradientTransformationExtraArgs:
+def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafStep | None,
+             block_size: int | None, mlp_dtype: str | None
+             ) -> optax.GradientTransformationExtraArgs:
+  """The transform, running ``leaf_step`` on whole tensors: the blocked built-in step (with
+  ``block_size`` and ``mlp_dtype``) unless the caller brings their own."""
   name = meta_params.config.kind
+  custom_step = leaf_step is not None
+  if custom_step:
+    for arg, value in (("block_size", block_size), ("mlp_dtype", mlp_dtype)):
+      if value is not None:
+        raise ValueError(f"{name} got both leaf_step and {arg}; {arg} configures the "
+                         f"built-in step, so pass only one of them.")
+  block_size = blocked.check_block_size(block_size)
+  dtype = check_mlp_dtype(mlp_dtype)  # also the sharded step's
+  if not custom_step:
+    leaf_step = functools.partial(blocked.blocked_leaf_step, block_size=block_size,
+                                  mlp_dtype=dtype)
 
   def init_fn(params):
     init = lambda p: (sharded.init_accumulators(p) if is_shard_slice(p)
@@ -95,8 +95,7 @@ def _learned(meta_params: MetaParams, num_workers: int | None, leaf_step: LeafSt
       if sliced:
         mean_d = p.like(mean_d)
         acc = sharded.update_accumulators(acc, mean_d, dec, fset)
-        step = sharded.leaf_step(meta_params, acc, p, mean_d, channels, time_feats,
-                                 check_mlp_dtype(mlp_dtype))
+        step = sharded.leaf_step(meta_params, acc, p, mean_d, channels, time_feats, dtype)
         return p.like(step.astype(p.data.dtype)), acc
       acc = features.update_accumulators(acc, mean_d, dec, fset)
       step = leaf_step(meta_params, acc, p, mean_d, channels, time_feats)
@@ -179,8 +178,7 @@ def lopt_a(meta_params: MetaParams, leaf_step: LeafStep | None = None,
     raise ValueError(
         f"lopt_a got meta-parameters built for {meta_params.config.kind} "
         f"(K={meta_params.config.num_workers}); use lagg_a(meta_params, k) for those.")
-  return _learned(meta_params, None, _leaf_step(leaf_step, block_size, mlp_dtype, "lopt_a"),
-                  leaf_step is not None, mlp_dtype)
+  return _learned(meta_params, None, leaf_step, block_size, mlp_dtype)
 
 
 def lagg_a(meta_params: MetaParams, k: int, leaf_step: LeafStep | None = None,
@@ -235,5 +233,4 @@ def lagg_a(meta_params: MetaParams, k: int, leaf_step: LeafStep | None = None,
         f"These LAgg-A meta-parameters were built for K={cfg.num_workers} workers "
         f"({cfg.num_inputs} inputs), but lagg_a was asked for k={k}. LAgg-A weights only "
         f"work with the K they were meta-trained for; use LOpt-A for a varying K.")
-  return _learned(meta_params, k, _leaf_step(leaf_step, block_size, mlp_dtype, "lagg_a"),
-                  leaf_step is not None, mlp_dtype)
+  return _learned(meta_params, k, leaf_step, block_size, mlp_dtype)
