@@ -78,6 +78,11 @@ def test_meta_train_federated_from_the_command_line(tmp_path, capsys):
     (["--federated", "--alpha", "0"], "--alpha must be a finite number > 0"),
     (["--federated", "--alpha", "1", "--clients", "5", "--clients-per-round", "6"],
      "cannot sample K=6 clients per round of N=5"),
+    # An explicit 0 is an error, not the default.
+    (["--federated", "--alpha", "1", "--local-epochs", "0"],
+     "--local-epochs must be a finite number > 0"),
+    (["--federated", "--alpha", "1", "--clients", "0"], "--clients must be >= 1"),
+    (["-B", "0"], "--batch-size must be >= 1"),
 ])
 def test_bad_federated_flags(extra, msg, tmp_path, capsys):
   args = ["meta-train", "--optimizer", "lopt_a", "--task", "fmnist_mlp", *extra,

@@ -175,13 +175,15 @@ def meta_train_config(args):
   from optax_localsgd.meta.problem import PESConfig
   from optax_localsgd.meta.train import FederatedMeta, MetaTrainConfig
   cli_federated.check_mode(args, ("workers", "local_steps", "compress"))
-  fed, workers, batch_size = None, args.workers, args.batch_size or 128
+  # A flag left out is None; one given (even an invalid 0) is kept, so validation sees it.
+  pick = lambda flag, default: default if flag is None else flag
+  fed, workers, batch_size = None, args.workers, pick(args.batch_size, 128)
   if args.federated:
     d = FederatedTrainConfig()
-    fed = FederatedMeta(args.alpha, args.clients or d.num_clients,
-                        args.local_epochs or d.local_epochs)
-    workers = args.clients_per_round or d.clients_per_round
-    batch_size = args.batch_size or d.batch_size
+    fed = FederatedMeta(args.alpha, pick(args.clients, d.num_clients),
+                        pick(args.local_epochs, d.local_epochs))
+    workers = pick(args.clients_per_round, d.clients_per_round)
+    batch_size = pick(args.batch_size, d.batch_size)
   pes = PESConfig(sigma=args.sigma, truncation=args.truncation, min_inner=args.min_inner,
                   max_inner=args.max_inner, outer_steps=args.outer_steps, lr_peak=args.lr_peak,
                   lr_end=args.lr_end, warmup_steps=args.warmup_steps, loss_clip=args.loss_clip,
