@@ -21,10 +21,25 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
   """``os.environ`` for a child JAX process with ``devices`` CPU devices. The parent's other XLA
   flags (CI's backend optimisation level, see .ci/run) are kept, so a child compiles like the
   parent does."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={devices}")
-  return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+  return dict(os.environ, XLA_FLAGS=with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices),
+              JAX_PLATFORMS="cpu")
+
+
+# XLA's CPU collectives abort the process when one device's thread reaches an all-gather more
+# than 40 s after the others. The suite runs two pytest workers on two cores, so a device thread
+# of a child process can be starved that long (it happened in CI: "only 7 of them arrived on
+# time"); a real deadlock still ends at the tests' subprocess timeouts.
+COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+
+
+def with_cpu_devices(xla_flags: str, devices: int) -> str:
+  """``xla_flags`` with ``devices`` host CPU devices and a collective timeout fit for a loaded
+  machine (the other flags kept)."""
+  flags = [f for f in xla_flags.split()
+           if not f.startswith(("--xla_force_host_platform_device_count",
+                                "--xla_cpu_collective_call_terminate_timeout_seconds"))]
+  return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
+                   COLLECTIVE_TIMEOUT])
 
 
 # Shapes of rank 0, 1, 2 and 4 (a conv kernel), with ties between axis sizes.
