@@ -72,11 +72,16 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--target-loss", type=float, default=0.2)
   p.add_argument("--max-rounds-to-target", action="store_true",
                  help="only candidates that reach the target loss no later than the start")
+  p.add_argument("--steps", default=None,
+                 help="only the snapshots of these outer steps, comma-separated (default: all)")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
 
   run = pathlib.Path(args.run)
   snapshots = sorted((run / "snapshots").glob("weights_step*.safetensors"))
+  if args.steps is not None:
+    wanted = {int(s) for s in args.steps.split(",")}
+    snapshots = [f for f in snapshots if int(f.stem.removeprefix("weights_step")) in wanted]
   if not snapshots:
     p.error(f"no snapshots in {run / 'snapshots'} (meta-train with --snapshot-every N)")
   tag = f"a{args.alpha}_" if args.federated else f"{args.optimizer}_"
