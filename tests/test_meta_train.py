@@ -39,6 +39,8 @@ def test_resume_is_bit_identical(tmp_path):
   straight = meta_train(cfg, tmp_path / "a", progress=False)
   first = meta_train(cfg, tmp_path / "b", progress=False, stop_after=2)
   assert first["interrupted"] and first["step"] == 2 and first["weights"] is None
+  # The log on disk follows the checkpoint, so an interrupted run's curve can be read.
+  assert json.loads((tmp_path / "b" / "log.json").read_text())["step"] == [1, 2]
   second = meta_train(cfg, tmp_path / "b", resume=True, progress=False)
   assert second["step"] == 4
   for x, y in zip(_theta_leaves(straight["weights"]), _theta_leaves(second["weights"])):

@@ -3,7 +3,8 @@
 ``meta_train(cfg, out_dir)`` writes into ``out_dir``:
 
 * ``checkpoint.npz`` every ``checkpoint_every`` outer steps and on SIGINT/SIGTERM (atomic);
-* ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts;
+* ``log.json``: per outer step meta-loss, learning rate, gradient norm, non-finite counts
+  (rewritten with every checkpoint);
 * ``meta_loss.png``: the meta-loss curve;
 * ``weights.safetensors``: the meta-trained optimizer with its metadata (``pretrained.load``
   reads it).
@@ -29,6 +30,7 @@ import numpy as np
 from optax_localsgd import _version, compression, data, engine, pretrained, tasks
 from optax_localsgd.errors import UsageError
 from optax_localsgd.io import checkpoint as ckpt
+from optax_localsgd.io.atomic import atomic_write
 from optax_localsgd.meta.problem import (PESConfig, TaskGroup, init_meta_state, initial_loss,
                                          make_outer_step)
 from optax_localsgd.transforms.learned import features
@@ -321,6 +323,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
 
   def save():
     ckpt.save_checkpoint(ck_path, state, {"config": cfg.identity(), "log": log})
+    # The log as far as the checkpoint: a long (--quiet, background) run can be watched.
+    atomic_write(out / "log.json", lambda f: f.write((json.dumps(log) + "\n").encode()))
 
   interrupted = False
   t_prev = time.perf_counter()
@@ -361,7 +365,6 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
         break
   bar.close()
   save()
-  (out / "log.json").write_text(json.dumps(log) + "\n")
   _plot(log, out / "meta_loss.png", cfg)
   weights = None
   if int(state.step) >= total or export_partial:
