@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -41,6 +42,7 @@ def evaluate(args: argparse.Namespace, name: str, method: str, weights: str | No
             "--target-loss", str(args.target_loss)]
   if weights is not None:
     cmd += ["--weights", f"{method}={weights}"]
+  cmd += shlex.split(args.evaluate_args)
   subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
   return json.loads((out / f"{name}.json").read_text())["summary"][method]
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                  help="only candidates that reach the target loss no later than the start")
   p.add_argument("--steps", default=None,
                  help="only the snapshots of these outer steps, comma-separated (default: all)")
+  p.add_argument("--evaluate-args", default="",
+                 help="more evaluate flags for every run, e.g. \"--hparams-key fmnist_mlp/K8/H4/B128\"")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
 
