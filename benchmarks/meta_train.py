@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import statistics
 import sys
 import time
+
+import _results  # benchmarks/_results.py, next to this script
 
 
 def main(argv=None) -> dict:
@@ -113,10 +114,7 @@ def main(argv=None) -> dict:
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "command": " ".join(["python benchmarks/meta_train.py", *(argv or sys.argv[1:])])}
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = f"meta_train_{args.optimizer}_{result['platform']}" + (f"_{args.tag}" if args.tag else "")
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   md = "\n".join([
       f"# Meta-training throughput ({args.optimizer}, {args.task}, K={args.workers}, "
       f"H={args.local_steps}, B={args.batch_size}, {args.tasks_per_estimate} tasks, "
@@ -137,7 +135,7 @@ def main(argv=None) -> dict:
       f"meta-parameters (same in every run of these settings; compare across compute dtypes): "
       f"{result['unroll_loss_at_init']:.4f} ± {result['unroll_loss_at_init_se']:.4f} "
       "(standard error over particles)."]) + "\n"
-  (out / f"{stem}.md").write_text(md)
+  _results.write(args.out, stem, result, md)
   print(md)
   return result
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import statistics
 import sys
 import time
+
+import _results  # benchmarks/_results.py, next to this script
 
 
 # Servers with a sharded step (engine/zero.py): the elementwise ones and the learned ones.
@@ -112,9 +113,6 @@ def main(argv=None) -> dict:
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python benchmarks/round_time.py", *(argv or sys.argv[1:])])}
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "round_time.json").write_text(json.dumps(result, indent=2) + "\n")
   md = [f"# Round time, Fashion-MNIST 2-layer MLP, K={K}, H={H}, B={B}", "",
         f"`{result['command']}` on {result['platform']} ({result['cpu_count']} cores), "
         f"jax {result['jax']}, {result['date']}; median of {args.reps} calls of "
@@ -129,7 +127,7 @@ def main(argv=None) -> dict:
               f"{1e3 * r[f'round_s_{args.devices}_devices']:.1f} | "
               f"{r['ratio_many_over_one']:.2f} | {r.get('round_over_local_sgd_1_device', 1):.2f} | "
               f"{'–' if zero1 is None else f'{1e3 * zero1:.1f}'} |")
-  (out / "round_time.md").write_text("\n".join(md) + "\n")
+  _results.write(args.out, "round_time", result, "\n".join(md) + "\n")
   print("\n".join(md))
   return result
 
