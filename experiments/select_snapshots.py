@@ -47,12 +47,20 @@ def evaluate(args: argparse.Namespace, name: str, method: str, weights: str | No
   return json.loads((out / f"{name}.json").read_text())["summary"][method]
 
 
+def mean(row: dict, key: str) -> float:
+  """The mean of ``row[key]`` (mean, standard error, count); inf where no seed has one."""
+  value = row.get(key)
+  if value is None or value[0] is None or math.isnan(value[0]):
+    return math.inf
+  return value[0]
+
+
 def cell(row: dict, key: str, fmt: str) -> str:
   if key not in row:  # the federated pages have no speedup or rounds to target
     return "-"
-  value = row[key]
-  if value is None or value[0] is None or (isinstance(value[0], float) and math.isnan(value[0])):
+  if mean(row, key) == math.inf:
     return "not reached"
+  value = row[key]
   return f"{value[0]:{fmt}} ± {value[1]:{fmt}} ({value[2]}/{row['n']})"
 
 
@@ -97,14 +105,8 @@ def main(argv: list[str] | None = None) -> None:
   for name, weights in candidates.items():
     rows[name] = (args.optimizer, evaluate(args, name, args.optimizer, weights))
 
-  def final(row: dict) -> float:
-    value = row["final_train_loss"]
-    return math.inf if value is None or value[0] is None else value[0]
-
-  def reach(row: dict) -> float:
-    value = row.get("rounds_to_target")
-    return math.inf if value is None or value[0] is None else value[0]
-
+  final = lambda row: mean(row, "final_train_loss")
+  reach = lambda row: mean(row, "rounds_to_target")
   limit = reach(rows[f"{tag}start"][1]) if args.max_rounds_to_target else math.inf
   eligible = {n: r for n, (_, r) in rows.items() if n in candidates and reach(r) <= limit}
   pick = min(eligible, key=lambda n: final(eligible[n])) if eligible else None
@@ -118,11 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"| {name} ({method}){mark} | {cell(row, 'final_train_loss', '.4f')} | "
                  f"{cell(row, 'rounds_to_target', '.0f')} | {cell(row, 'speedup', '.2f')} | "
                  f"{cell(row, 'test_accuracy', '.4f')} |")
-  table = "\n".join(lines)
-  print(table)
-  print(f"pick: {pick} = {candidates.get(pick)}")
-  (pathlib.Path(args.out) / f"{tag}selection.md").write_text(
-      table + f"\n\npick: {pick} = {candidates.get(pick)}\n")
+  report = "\n".join(lines) + f"\n\npick: {pick} = {candidates.get(pick)}\n"
+  print(report, end="")
+  (pathlib.Path(args.out) / f"{tag}selection.md").write_text(report)
 
 
 if __name__ == "__main__":
