@@ -321,10 +321,14 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
   bar = Progress(total, desc=f"meta-train {cfg.optimizer}", enabled=progress, unit="steps",
                  initial=start)
 
+  saved_at = None  # the step of the last checkpoint this call wrote
+
   def save():
+    nonlocal saved_at
     ckpt.save_checkpoint(ck_path, state, {"config": cfg.identity(), "log": log})
     # The log as far as the checkpoint: a long (--quiet, background) run can be watched.
     atomic_write(out / "log.json", lambda f: f.write((json.dumps(log) + "\n").encode()))
+    saved_at = int(state.step)
 
   interrupted = False
   t_prev = time.perf_counter()
@@ -364,7 +368,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | pathlib.Path, *, resume: boo
                     f"resume with --resume.")
         break
   bar.close()
-  save()
+  if saved_at != int(state.step):  # the end of the schedule, unless the loop just saved it
+    save()
   _plot(log, out / "meta_loss.png", cfg)
   weights = None
   if int(state.step) >= total or export_partial:
