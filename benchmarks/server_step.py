@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import platform
 import statistics
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
   result.update(
       n_params=n_params, n_tensors=len(shapes), reps=args.reps, scale=args.scale, k=K,
       device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-      cpu_count=__import__("os").cpu_count(), jax=jax.__version__, optax=optax.__version__,
+      cpu_count=os.cpu_count(), jax=jax.__version__, optax=optax.__version__,
       python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
       command=" ".join(["python benchmarks/server_step.py", *(argv or sys.argv[1:])]))
   if lopt_mem:

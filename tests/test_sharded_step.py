@@ -2,6 +2,7 @@
 transforms/learned/sharded.py): 8 virtual CPU devices, tensors of rank 0 to 4 whose sizes are
 not multiples of 8, both feature sets, three rounds of state."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_train_over_devices_shards_the_server_step_and_matches_one_device(tmp_pa
          "--out", str(out)], env=cpu_devices_env(8), capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (hists[devices],) = __import__("json").loads((out / "metrics.json").read_text())
+    (hists[devices],) = json.loads((out / "metrics.json").read_text())
   assert hists[8]["sharded_server"] and not hists[1]["sharded_server"]
   one, eight = (np.asarray(hists[d]["global_train_loss"]) for d in (1, 8))
   assert one[-1] < one[0] - 0.05  # it trains
