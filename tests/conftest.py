@@ -25,21 +25,22 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
               JAX_PLATFORMS="cpu")
 
 
-# XLA's CPU collectives abort the process when one device's thread reaches an all-gather more
-# than 40 s after the others. The suite runs two pytest workers on two cores, so a device thread
-# of a child process can be starved that long (it happened in CI: "only 7 of them arrived on
-# time"); a real deadlock still ends at the tests' subprocess timeouts.
-COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+# Every simulated device runs its program on a thread of XLA's CPU pool, and a device waiting in
+# a collective (an all-gather) holds its thread. On two cores, with the default multi-threaded
+# Eigen, a device's intra-op work can then wait for a pool thread that the waiting devices
+# hold, and the process deadlocks: CI saw "only 7 of them arrived" (an abort after 40 s), and
+# with a longer collective timeout a hang until the test's timeout. Single-threaded Eigen
+# inside each device program removes that wait (the devices still run in parallel).
+MULTI_DEVICE_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
 
 
 def with_cpu_devices(xla_flags: str, devices: int) -> str:
-  """``xla_flags`` with ``devices`` host CPU devices and a collective timeout fit for a loaded
-  machine (the other flags kept)."""
-  flags = [f for f in xla_flags.split()
-           if not f.startswith(("--xla_force_host_platform_device_count",
-                                "--xla_cpu_collective_call_terminate_timeout_seconds"))]
+  """``xla_flags`` with ``devices`` host CPU devices and the flags that keep collectives among
+  them from deadlocking on a small machine (the other flags kept)."""
+  ours = ("--xla_force_host_platform_device_count", "--xla_cpu_multi_thread_eigen")
+  flags = [f for f in xla_flags.split() if not f.startswith(ours)]
   return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
-                   COLLECTIVE_TIMEOUT])
+                   *MULTI_DEVICE_FLAGS])
 
 
 # Shapes of rank 0, 1, 2 and 4 (a conv kernel), with ties between axis sizes.
