@@ -39,6 +39,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   args = ap.parse_args(argv)
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
+  # Spare threads in XLA's CPU pool, so a collective cannot wait for one (docs/distributed.md).
+  os.environ.setdefault("NPROC", str(4 * args.devices))
 
   import jax
   import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """Shared test fixtures and helpers."""
 
 import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -17,30 +18,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SMALL_MLP = "fmnist_mlp:hidden=16"
 
 
-def cpu_devices_env(devices: int) -> dict[str, str]:
-  """``os.environ`` for a child JAX process with ``devices`` CPU devices. The parent's other XLA
-  flags (CI's backend optimisation level, see .ci/run) are kept, so a child compiles like the
-  parent does."""
-  return dict(os.environ, XLA_FLAGS=with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices),
-              JAX_PLATFORMS="cpu")
-
-
-# Every simulated device runs its program on a thread of XLA's CPU pool, and a device waiting in
-# a collective (an all-gather) holds its thread. On two cores, with the default multi-threaded
-# Eigen, a device's intra-op work can then wait for a pool thread that the waiting devices
-# hold, and the process deadlocks: CI saw "only 7 of them arrived" (an abort after 40 s), and
-# with a longer collective timeout a hang until the test's timeout. Single-threaded Eigen
-# inside each device program removes that wait (the devices still run in parallel).
-MULTI_DEVICE_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
-
-
-def with_cpu_devices(xla_flags: str, devices: int) -> str:
-  """``xla_flags`` with ``devices`` host CPU devices and the flags that keep collectives among
-  them from deadlocking on a small machine (the other flags kept)."""
-  ours = ("--xla_force_host_platform_device_count", "--xla_cpu_multi_thread_eigen")
-  flags = [f for f in xla_flags.split() if not f.startswith(ours)]
-  return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}",
-                   *MULTI_DEVICE_FLAGS])
+def cpu_devices_env(devices: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+  """``base`` (default ``os.environ``) for a child JAX process with ``devices`` CPU devices. The
+  other XLA flags (CI's backend optimisation level, see .ci/run) are kept, so a child compiles
+  like its parent."""
+  base = os.environ if base is None else base
+  flags = [f for f in base.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  # XLA's CPU client runs every device's program on a thread of one pool of max(NPROC or the
+  # core count, devices) threads: on two cores, exactly one per device. A device waiting in a
+  # collective holds its thread, so any other task holding a pool thread meanwhile leaves the
+  # last device without one, and XLA aborts after 40 s with "only 7 of them arrived" (CI; here
+  # 3 in 16 runs of tests/sharded_step_script.py with a warm compilation cache). Spare threads
+  # remove the wait: 0 in 48 runs with NPROC = 4 x devices.
+  return dict(base, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", NPROC=str(4 * devices))
 
 
 # Shapes of rank 0, 1, 2 and 4 (a conv kernel), with ties between axis sizes.

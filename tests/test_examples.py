@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import with_cpu_devices
+from conftest import cpu_devices_env
 
 import optax_localsgd as ol
 
@@ -147,7 +147,7 @@ def test_vit_on_two_devices_shards_the_learned_step_and_resumes(tmp_path, env, l
                                                                 imagenet_dir):
   """Two devices: LOpt-A's server step is sharded (ZeRO-1); the losses are those of one device,
   and a resumed run (the sharded state through the checkpoint) equals a straight one."""
-  two = env | {"XLA_FLAGS": with_cpu_devices(env["XLA_FLAGS"], 2)}
+  two = cpu_devices_env(2, base=env)
   common = ["--data-dir", imagenet_dir, "--weights", lopt_weights, *VIT_SMALL,
             "--checkpoint-every", 2]
   for out, rounds, extra, e in (("one", 4, [], env), ("a", 2, ["--devices", 2], two),
