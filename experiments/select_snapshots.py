@@ -23,6 +23,7 @@ import json
 import math
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -30,8 +31,17 @@ import sys
 def evaluate(args: argparse.Namespace, name: str, method: str, weights: str | None) -> dict:
   """One ``optax-localsgd evaluate`` on the selection seeds; its summary row for ``method``."""
   out = pathlib.Path(args.out)
-  # The iid evaluation measures speedups against local SGD, so it runs (from its cache) too.
+  # The iid evaluation measures speedups against local SGD, so it runs too. The evaluation
+  # caches per name: a baseline's histories (local SGD, the reference) are copied from any
+  # earlier name, so each trains once; a copy is used only if its fingerprint (the whole run
+  # configuration) matches.
   methods = method if args.federated else f"local_sgd,{method}"
+  cache = out / "cache" / name
+  cache.mkdir(parents=True, exist_ok=True)
+  for baseline in ([] if args.federated else ["local_sgd"]) + ([method] if weights is None else []):
+    for done in (out / "cache").glob(f"*/{baseline}_seed*.json"):
+      if not (cache / done.name).exists():
+        shutil.copyfile(done, cache / done.name)
   cmd = [sys.executable, "-m", "optax_localsgd.cli", "evaluate", "--seeds", args.seeds,
          "--rounds", str(args.rounds), "--methods", methods, "--name", name, "--cache",
          str(out / "cache"), "--out", str(out), "--quiet"]

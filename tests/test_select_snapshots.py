@@ -38,6 +38,10 @@ def test_the_lowest_final_loss_wins_and_a_broken_snapshot_loses(tmp_path):
   # The snapshot equal to the start ties with it; the tie goes to the start.
   assert "pick: lopt_a_start = lopt_a/fmnist_mlp_k8_h4" in table
   assert "**(pick)**" in next(r for r in rows if r.startswith("| lopt_a_start"))
+  # Local SGD (for the speedups) trained once: every candidate's cache holds the same history,
+  # down to its wall time.
+  local = [f.read_text() for f in sorted((out / "cache").glob("*/local_sgd_seed200.json"))]
+  assert len(local) == 4 and len(set(local)) == 1
 
 
 def test_a_run_without_snapshots_is_refused(tmp_path):
