@@ -56,6 +56,33 @@ def test_summarize_pairs_seeds_and_report_marks_partial_counts():
   assert "use the values tuned for `fmnist_mlp/K8/H4/B128`: no sweep was run" in text
 
 
+def test_pages_say_which_input_preprocessing_they_used():
+  # The default standardises; standardize=false is the authors' pixels / 255 (speedups differ).
+  std = report.inputs_line("fmnist_mlp")
+  assert std.startswith("*Inputs*: pixels / 255, then standardised") and "0.286" in std
+  assert "0.353" in std and "the package's default" in std
+  raw = report.inputs_line("fmnist_mlp:standardize=false")
+  assert raw == "*Inputs*: pixels / 255, in [0, 1], and nothing else (the authors' preprocessing)."
+  assert "0.4914/0.4822/0.4465" in report.inputs_line("cifar10_mlp")
+  assert "raw bytes" in report.inputs_line("text_lm")
+  cfg = evaluation.EvalConfig(task="fmnist_mlp:standardize=false", rounds=40, seeds=(1,),
+                              methods=("local_sgd",), target_loss=0.55)
+  s = evaluation.summarize(cfg, {"local_sgd": [_hist(1, [0, 20, 40], [2, 0.6, 0.5])]})
+  assert raw in report.markdown(cfg, s, "cmd").split("\n")
+
+
+def test_every_published_page_states_its_preprocessing():
+  # The sentence is the one the page's own task spec (its title) gives today.
+  import pathlib
+  import re
+  pages = sorted((pathlib.Path(__file__).parents[1] / "docs" / "results").glob("*.md"))
+  assert pages
+  for page in pages:
+    lines = page.read_text().split("\n")
+    spec = re.match(r"# ([^, ]+)", lines[0]).group(1)
+    assert report.inputs_line(spec) in lines, page.name
+
+
 def test_eval_config_rejects_bad_input():
   with pytest.raises(ValueError, match="Unknown methods"):
     evaluation.EvalConfig(methods=("local_sgd", "nesterov"))

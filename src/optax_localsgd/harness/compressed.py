@@ -85,6 +85,8 @@ def markdown(cfgs: Sequence[evaluation.EvalConfig],
       "same compressor first reaches its lowest training loss, divided by the round at which "
       "the optimizer first reaches that loss.",
       "",
+      report.inputs_line(c0.task),
+      "",
       "Hyperparameters and weights:",
       "",
   ]

@@ -63,6 +63,8 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
       "workers' local loss. *Speedup* (paper Table 2): per seed, the round at which local SGD "
       "first reaches its lowest training loss divided by the round at which the optimizer first "
       "reaches that loss. *Test accuracy*: the final global model on the full test split.",
+      "",
+      inputs_line(cfg.task),
   ]
   hp = {m: summary[m].get("hparams") for m in cfg.methods if summary[m].get("hparams")}
   if hp:
@@ -75,6 +77,12 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
   if png_name:
     lines += ["", f"![training loss curves]({png_name})"]
   return "\n".join(lines) + "\n"
+
+
+def inputs_line(task_spec: str) -> str:
+  """The results pages' sentence on the task's input preprocessing (``Task.preprocessing``)."""
+  from optax_localsgd import tasks
+  return f"*Inputs*: {tasks.from_spec(task_spec).preprocessing()}."
 
 
 def seed_curves(hists: Sequence[Mapping[str, Any]],
@@ -189,6 +197,8 @@ def federated_markdown(setting, methods: Sequence[str], seeds: Sequence[int],
       "their minibatches; every method sees the same ones. *Test accuracy*: the final global "
       "model on the full test split. *Training loss*: the final global model's cross-entropy on "
       "a fixed subset of 10,000 training examples.",
+      "",
+      inputs_line(s.task),
       "",
       ("Hyperparameters (the baselines' client and server learning rates: the paper's "
        f"Table 7, entry `{hparams_key}` of the hyperparameter file, unless a flag of the "

@@ -62,6 +62,22 @@ class Task:
     return {"x": np.zeros((batch_size, *self.input_shape), np.uint8),
             "y": np.zeros((batch_size,), np.int32)}
 
+  def preprocessing(self) -> str:
+    """What the model does to the stored bytes before its first layer, as a sentence fragment.
+
+    Results pages print it, since speedups depend on it: the package standardises pixels by
+    default, the paper's code (``learned_optimization``'s image datasets) only divides by 255.
+    """
+    if self.kind == "language_model":
+      return "raw bytes, embedded by the model (no preprocessing)"
+    mean, std = getattr(self.model, "mean", None), getattr(self.model, "std", None)
+    if mean is None or std is None:
+      return "pixels / 255, in [0, 1], and nothing else (the authors' preprocessing)"
+    fmt = lambda v: "/".join(f"{x:g}" for x in v)
+    return (f"pixels / 255, then standardised per channel with the training set's mean "
+            f"{fmt(mean)} and std {fmt(std)} (the package's default; the authors' "
+            "preprocessing, pixels / 255 only, is the task's `standardize=false`)")
+
   def init(self, key: jax.Array) -> Params:
     """Fresh float32 parameters (the ``'params'`` collection only) from a PRNG key."""
     x = jnp.zeros((1, *self.input_shape), jnp.uint8)
