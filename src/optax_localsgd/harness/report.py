@@ -109,8 +109,9 @@ def plot_curves(cfg: evaluation.EvalConfig, runs: Mapping[str, list[dict]],
   ax.set_yscale("log")
   ax.set_xlabel("communication round")
   ax.set_ylabel("training loss (global model, fixed 10k subset)")
-  ax.set_title(f"{cfg.task}, K={cfg.workers}, H={cfg.local_steps}: mean over "
-               f"{len(cfg.seeds)} seeds, band = min-max")
+  # Two lines: a task spec with overrides would run past the figure's edge on one.
+  ax.set_title(f"{cfg.task}, K={cfg.workers}, H={cfg.local_steps}\nmean over "
+               f"{len(cfg.seeds)} seeds, band = min-max", fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   fig.savefig(path, dpi=120)
