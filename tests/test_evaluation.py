@@ -3,6 +3,8 @@ tiny end-to-end run of `optax-localsgd sweep` + `evaluate` on real Fashion-MNIST
 
 import json
 import math
+import pathlib
+import re
 
 import jax
 import numpy as np
@@ -73,8 +75,6 @@ def test_pages_say_which_input_preprocessing_they_used():
 
 def test_every_published_page_states_its_preprocessing():
   # The sentence is the one the page's own task spec (its title) gives today.
-  import pathlib
-  import re
   pages = sorted((pathlib.Path(__file__).parents[1] / "docs" / "results").glob("*.md"))
   assert pages
   for page in pages:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from optax_localsgd import tasks
 from optax_localsgd.harness import evaluation
 from optax_localsgd.util.plotting import figure
 
@@ -81,7 +82,6 @@ def markdown(cfg: evaluation.EvalConfig, summary: Mapping[str, Mapping[str, Any]
 
 def inputs_line(task_spec: str) -> str:
   """The results pages' sentence on the task's input preprocessing (``Task.preprocessing``)."""
-  from optax_localsgd import tasks
   return f"*Inputs*: {tasks.from_spec(task_spec).preprocessing()}."
 
 
